@@ -1,0 +1,118 @@
+"""The two proxy losses ARMOR minimises (spec §2).
+
+Notation: a layer ``y = W x`` with ``W`` of shape (d_out, d_in); calibration inputs ``X`` (N, d_in);
+Gram matrix ``H = Xᵀ X`` and its diagonal ``h``.
+
+* **nowag** (the paper's proxy): normalise ``c_j = ‖W[:, j]‖``, ``W₁ = W diag(c)⁻¹``, ``r_i = ‖W₁[i, :]‖``,
+  ``W̄ = diag(r)⁻¹ W₁``; then ``L = Σ_ij h_j (W̄_ij − Ŵ̄_ij)²`` on the normalised matrices.
+* **hessian** (this project's extension): ``L = tr((W − Ŵ) H (W − Ŵ)ᵀ) = ‖(W − Ŵ) Xᵀ‖²_F``, with damping
+  ``H ← H + λ · mean(h) · I`` (default ``λ = 0.01``, SparseGPT's choice) to keep ``H`` invertible.
+
+Both are ``tr(E H Eᵀ)`` of an error ``E = T − Ŵ_T`` for a *target* ``T`` and a PSD weight ``H``:
+nowag is the case ``T = W̄``, ``H = diag(h)``. :class:`Problem` holds that common form, which is what the
+factorization and the baselines work on; the normalisation is folded back into the factors at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PROXIES = ("nowag", "hessian")
+DEFAULT_DAMPING = 0.01
+
+
+def gram_matrix(X: np.ndarray) -> np.ndarray:
+    """``H = Xᵀ X`` in float64, for activations ``X`` of shape (N, d_in)."""
+    X = np.asarray(X, dtype=np.float64)
+    return X.T @ X
+
+
+def damped(H: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:
+    """``H + λ · mean(diag H) · I``. A zero Gram matrix gets ``λ · I`` so the result is still definite."""
+    mean_h = float(np.mean(np.diag(H)))
+    scale = damping * (mean_h if mean_h > 0 else 1.0)
+    return H + scale * np.eye(H.shape[0])
+
+
+def nowag_normalization(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(W̄, r, c)`` with ``W̄ = diag(r)⁻¹ W diag(c)⁻¹``: columns, then rows, scaled to unit norm.
+
+    An all-zero column or row gets scale 1 (nothing to normalise), so the map stays invertible.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    c = np.linalg.norm(W, axis=0)  # (d_in,)
+    c = np.where(c > 0, c, 1.0)
+    W1 = W / c[None, :]
+    r = np.linalg.norm(W1, axis=1)  # (d_out,)
+    r = np.where(r > 0, r, 1.0)
+    return W1 / r[:, None], r, c
+
+
+def nowag_loss(W: np.ndarray, W_hat: np.ndarray, h: np.ndarray) -> float:
+    """``Σ_ij h_j (W̄_ij − Ŵ̄_ij)²``, both matrices normalised with the scales of ``W``."""
+    W_bar, r, c = nowag_normalization(W)
+    W_hat_bar = np.asarray(W_hat, dtype=np.float64) / r[:, None] / c[None, :]
+    return float(np.sum(h[None, :] * (W_bar - W_hat_bar) ** 2))
+
+
+def hessian_loss(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``; pass a damped ``H`` for the objective, the raw Gram for output error."""
+    E = np.asarray(W, dtype=np.float64) - np.asarray(W_hat, dtype=np.float64)
+    return float(np.sum((E @ H) * E))
+
+
+def relative_output_error(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
+    """``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` from a raw Gram matrix ``H = Xᵀ X``: the layer's relative output error."""
+    W = np.asarray(W, dtype=np.float64)
+    denom = float(np.sum((W @ H) * W))
+    return hessian_loss(W, W_hat, H) / denom if denom > 0 else 0.0
+
+
+@dataclass
+class Problem:
+    """One proxy loss in the common form ``L(Ŵ_T) = tr((T − Ŵ_T) H (T − Ŵ_T)ᵀ)``.
+
+    ``row_scale`` and ``col_scale`` map the optimised space back to the layer: ``Ŵ = diag(row_scale) Ŵ_T
+    diag(col_scale)`` (both 1 for hessian; ``r`` and ``c`` for nowag).
+    """
+
+    proxy: str
+    target: np.ndarray  # T, (d_out, d_in)
+    H: np.ndarray  # (d_in, d_in), symmetric PSD
+    row_scale: np.ndarray  # (d_out,)
+    col_scale: np.ndarray  # (d_in,)
+
+    @property
+    def diagonal(self) -> bool:
+        """True when ``H`` is diagonal (nowag): columns then do not interact, which allows more parallelism."""
+        return self.proxy == "nowag"
+
+    def loss(self, W_hat_T: np.ndarray) -> float:
+        """The proxy loss of an approximation given in the optimised space."""
+        E = self.target - W_hat_T
+        if self.diagonal:
+            return float(np.sum(np.diag(self.H)[None, :] * E * E))
+        return float(np.sum((E @ self.H) * E))
+
+    def to_layer(self, W_hat_T: np.ndarray) -> np.ndarray:
+        """Map an approximation in the optimised space back to the layer's scale."""
+        return self.row_scale[:, None] * W_hat_T * self.col_scale[None, :]
+
+    def to_target_space(self, W_hat: np.ndarray) -> np.ndarray:
+        """Map an approximation of the layer into the optimised space."""
+        return np.asarray(W_hat, dtype=np.float64) / self.row_scale[:, None] / self.col_scale[None, :]
+
+
+def make_problem(W: np.ndarray, gram: np.ndarray, proxy: str, damping: float = DEFAULT_DAMPING) -> Problem:
+    """Build the :class:`Problem` of ``proxy`` for layer ``W`` and Gram matrix ``gram = Xᵀ X``."""
+    W = np.asarray(W, dtype=np.float64)
+    gram = np.asarray(gram, dtype=np.float64)
+    if proxy == "nowag":
+        W_bar, r, c = nowag_normalization(W)
+        return Problem("nowag", W_bar, np.diag(np.diag(gram).copy()), r, c)
+    if proxy == "hessian":
+        ones_out, ones_in = np.ones(W.shape[0]), np.ones(W.shape[1])
+        return Problem("hessian", W, damped(gram, damping), ones_out, ones_in)
+    raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(PROXIES)}")
