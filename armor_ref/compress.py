@@ -1,0 +1,598 @@
+"""Sequential, block-by-block compression of a whole Hugging Face checkpoint (issue 5).
+
+Pipeline (:func:`compress_model`):
+
+1. Tokenise the calibration text into ``nsamples`` windows of ``seqlen`` tokens (deterministic, ``seed``).
+2. Run the model up to its first transformer block and keep the block's inputs (hidden states and the keyword
+   arguments the model passes to its blocks: attention mask, rotary position embeddings, ...).
+3. For each block, in order, and inside it for each *group* of linears (:mod:`armor_ref.models`, e.g. q/k/v, then
+   o, then the MLP input projections, then the MLP output projection):
+   forward the block's inputs through the block with hooks that accumulate each linear's Gram matrix ``Xᵀ X``
+   (so a group sees the outputs of the already-compressed groups before it), compress each linear of the group
+   (``factorize`` of the chosen backend, or a 2:4 baseline), and put ``Ŵ`` into the block.
+4. Forward the inputs through the compressed block: its outputs are the next block's inputs.
+5. Write the block's shard (spec §6 layout) atomically, then the hidden states entering the next block, then the
+   progress file: that last write is what makes the block *finished* for ``--resume``.
+
+Embeddings, norms and the LM head are copied through unchanged. Every method writes the spec §6 layout
+(``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with ``A = B = I``, so every output loads
+the same way and file sizes compare fairly.
+
+Several processes (``torchrun``): every rank runs the same forward passes; the linears of a group are dealt out
+round-robin (linear ``j`` of the group to rank ``j mod world_size``), the owner broadcasts its result, and rank 0
+writes the files. Results are identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .baselines import BASELINES, run_baseline
+from .masks import has_two_per_group, pack_2of4
+from .models import (
+    WEIGHTS_INDEX,
+    Layout,
+    ModelError,
+    blocks_of,
+    checkpoint_name,
+    copy_tokenizer_and_config,
+    layout_of,
+    load_dense_model,
+    load_tokenizer,
+    module_names,
+    read_config,
+    require_torch,
+    tensor_locations,
+)
+from .objectives import hessian_loss, nowag_loss, relative_output_error
+
+METHODS = ("armor-nowag", "armor-hessian", "sparsegpt", "wanda", "nowag-p", "magnitude")
+FORMAT_VERSION = "1"
+PROGRESS_DIR = ".armor-progress"
+STATE_FILE = "state.json"
+REPORT_FILE = "armor_report.json"
+REST_SHARD = "model-rest.safetensors"
+
+
+def block_shard_name(i: int) -> str:
+    return f"model-block-{i:05d}.safetensors"
+
+
+class CompressionError(ValueError):
+    """Bad input to the compression (one-line message for the CLI)."""
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """Everything that determines the compressed output; a resumed run must use the same settings."""
+
+    method: str
+    nsamples: int = 64
+    seqlen: int = 128
+    block_size: int = 32
+    sweeps: int | None = None  # None: the reference defaults (30 nowag / 20 hessian)
+    seed: int = 0
+    backend: str = "numpy"
+    device: str = "cpu"
+    batch_size: int = 8  # calibration sequences per forward pass
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that must match for ``--resume`` (``device`` and ``batch_size`` do not change results
+        of the numpy backend, but are kept so a resumed run is exactly the interrupted one)."""
+        return asdict(self)
+
+
+@dataclass
+class LinearResult:
+    """One compressed linear, in the layer's own scale: ``Ŵ = blockdiag(A) · S · blockdiag(B)``."""
+
+    A: np.ndarray
+    B: np.ndarray
+    S: np.ndarray
+    M: np.ndarray
+    proxy: str  # objective the method optimises ("nowag", "hessian" or "none" for plain pruning)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def W_hat(self) -> np.ndarray:
+        from .factorization import reconstruct
+
+        return reconstruct(self.A, self.S, self.B)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One linear
+# ----------------------------------------------------------------------------------------------------------
+def compress_linear(
+    W: np.ndarray, gram: np.ndarray, settings: CompressSettings, factorize: Callable | None = None
+) -> LinearResult:
+    """Compress one weight ``W`` (d_out, d_in) given its calibration Gram matrix ``Xᵀ X``.
+
+    ``armor-*`` methods call ``factorize`` (the backend's, spec signature); baselines keep ``A = B = I``.
+    The report holds the proxy losses (the method's own objective, of the start and of the result), the
+    relative output error ``‖(W − Ŵ)Xᵀ‖² / ‖W Xᵀ‖²`` on the calibration data, and the seconds spent.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    t0 = time.perf_counter()
+    b = settings.block_size
+    if settings.method.startswith("armor-"):
+        if factorize is None:
+            from backends import get_factorize
+
+            factorize = get_factorize(settings.backend, settings.device)
+        proxy = settings.method.removeprefix("armor-")
+        res = factorize(W, gram, proxy=proxy, block_size=b, sweeps=settings.sweeps, seed=settings.seed)
+        out = LinearResult(np.asarray(res.A), np.asarray(res.B), np.asarray(res.S), np.asarray(res.M), proxy)
+        report = {"init": res.init, "baseline_loss": float(res.baseline_loss), "loss": float(res.loss),
+                  "sweeps": int(res.sweeps)}
+    else:
+        S, M = run_baseline(settings.method, W, gram)
+        d_out, d_in = W.shape
+        eye = np.eye(b)
+        out = LinearResult(np.tile(eye, (d_out // b, 1, 1)), np.tile(eye, (d_in // b, 1, 1)), S, M, "none")
+        # the objectives ARMOR would start from, for comparison across methods
+        report = {"nowag_loss": nowag_loss(W, S, np.diag(gram)), "hessian_loss": hessian_loss(W, S, gram)}
+    seconds = time.perf_counter() - t0
+    W_hat = out.W_hat()
+    report["relative_output_error"] = relative_output_error(W, W_hat, gram)
+    report["seconds"] = seconds
+    out.report = report
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration data
+# ----------------------------------------------------------------------------------------------------------
+def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
+    """``nsamples`` token windows (nsamples, seqlen) of the tokenised text at random (seeded) offsets.
+
+    Encoders get ``[CLS] … [SEP]`` around ``seqlen − 2`` text tokens, when the tokenizer has them.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    wrap = cls_id is not None and sep_id is not None
+    body = seqlen - 2 if wrap else seqlen
+    if body <= 0:
+        raise CompressionError(f"seqlen {seqlen} is too short")
+    if len(ids) < body + 1:
+        raise CompressionError(f"the calibration text has {len(ids)} tokens; need at least {body + 1}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - body + 1, size=nsamples)
+    ids = np.asarray(ids, dtype=np.int64)
+    windows = np.stack([ids[s : s + body] for s in starts])
+    if wrap:
+        windows = np.concatenate(
+            [np.full((nsamples, 1), cls_id), windows, np.full((nsamples, 1), sep_id)], axis=1
+        )
+    return windows
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are known."""
+
+
+def capture_block_inputs(
+    model: Any, blocks: Any, windows: np.ndarray, batch_size: int, causal: bool
+) -> list[tuple[Any, dict]]:
+    """Run the model up to its first block, per batch of windows; return ``[(hidden_states, block_kwargs)]``."""
+    torch = require_torch()
+    captured: list[tuple[Any, dict]] = []
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach().clone(), {**kwargs, "_extra_args": args[1:]}))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                input_ids = torch.from_numpy(windows[start : start + batch_size])
+                try:
+                    extra = {"use_cache": False} if causal else {}
+                    model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **extra)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: Any, hidden: Any, kwargs: dict) -> Any:
+    """The block's output hidden states for one batch."""
+    kwargs = dict(kwargs)
+    extra = kwargs.pop("_extra_args", ())
+    out = block(hidden, *extra, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[Any, dict]]) -> dict[str, np.ndarray]:
+    """Forward every batch through ``block`` and return each named linear's input Gram matrix ``Xᵀ X``
+    (float64, over all calibration tokens)."""
+    torch = require_torch()
+    grams: dict[str, Any] = {}
+    handles = []
+    for name, linear in linears.items():
+        grams[name] = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+
+        def hook(module: Any, args: tuple, output: Any, name: str = name) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            grams[name] += x.T @ x
+
+        handles.append(linear.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in batches:
+                run_block(block, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: g.numpy() for name, g in grams.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------
+def atomic_save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file and ``os.replace`` (never a half-written shard)."""
+    from safetensors.torch import save_file
+
+    torch = require_torch()
+    tensors = {k: v.contiguous() if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+               for k, v in tensors.items()}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    torch = require_torch()
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def armor_tensors(name: str, result: LinearResult) -> dict[str, np.ndarray]:
+    """The spec §6 tensors of one factorized weight ``name`` (e.g. ``encoder.layer.0.output.dense``)."""
+    if not has_two_per_group(result.M):
+        raise AssertionError(f"{name}: mask does not keep exactly 2 of 4")
+    values, index = pack_2of4(result.S, result.M)
+    return {
+        f"{name}.armor.A": np.ascontiguousarray(result.A, dtype=np.float32),
+        f"{name}.armor.B": np.ascontiguousarray(result.B, dtype=np.float32),
+        f"{name}.armor.values": np.ascontiguousarray(values, dtype=np.float32),
+        f"{name}.armor.index": np.ascontiguousarray(index, dtype=np.uint8),
+    }
+
+
+def shard_metadata(settings: CompressSettings, proxy: str) -> dict[str, str]:
+    return {
+        "format": "armor",
+        "version": FORMAT_VERSION,
+        "block_size": str(settings.block_size),
+        "proxy": proxy,
+        "method": settings.method,
+    }
+
+
+def read_checkpoint_tensor(locations: dict[str, str], name: str) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(locations[name], framework="pt") as fh:
+        return fh.get_tensor(name)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+    }
+    try:
+        import torch
+        import transformers
+
+        info["torch"] = torch.__version__
+        info["transformers"] = transformers.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------------------
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share_result(result: LinearResult | None, owner: int, world: int) -> LinearResult:
+    """Broadcast the owner rank's result to every rank (a no-op in a single process)."""
+    if world == 1:
+        assert result is not None
+        return result
+    import torch.distributed as dist
+
+    box = [result]
+    dist.broadcast_object_list(box, src=owner)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------
+def _progress(total: int, desc: str, position: int, disable: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, position=position, leave=position == 0, file=sys.stderr,
+                disable=disable, dynamic_ncols=True)
+
+
+def validate_inputs(model_dir: str, out_dir: str, calib_text: str, settings: CompressSettings,
+                    resume: bool) -> tuple[dict, Layout]:
+    """Check everything that can be checked before any output is written; raise one-line errors."""
+    config = read_config(model_dir)
+    layout = layout_of(config)
+    tensor_locations(model_dir)  # weights present and readable
+    if settings.method not in METHODS:
+        raise CompressionError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+    if not os.path.isfile(calib_text):
+        raise CompressionError(f"calibration text {calib_text!r} does not exist")
+    if settings.nsamples <= 0 or settings.seqlen <= 0:
+        raise CompressionError("--nsamples and --seqlen must be positive")
+    if settings.block_size <= 0 or settings.block_size % 4:
+        raise CompressionError(f"block size {settings.block_size} must be a positive multiple of 4")
+    if os.path.abspath(model_dir) == os.path.abspath(out_dir):
+        raise CompressionError("the output directory must differ from the model directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CompressionError(f"{out_dir!r} exists and is not a directory")
+    if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CompressionError(f"output directory {out_dir!r} is not empty; pass --resume to continue it")
+    if settings.method.startswith("armor-"):
+        from backends import BackendUnavailable, get_factorize
+
+        try:
+            get_factorize(settings.backend, settings.device)
+        except BackendUnavailable as exc:
+            raise CompressionError(str(exc)) from None
+    return config, layout
+
+
+def compress_model(
+    model_dir: str,
+    out_dir: str,
+    calib_text: str,
+    settings: CompressSettings,
+    resume: bool = False,
+    on_block_done: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compress every block linear of ``model_dir`` into ``out_dir``; return the report (also written to
+    ``out_dir/armor_report.json``).
+
+    ``resume``: continue from the last finished block recorded in ``out_dir`` (same settings required); the result
+    is bitwise identical to an uninterrupted run. ``on_block_done(i)`` is called after block ``i`` is durably
+    saved (tests use it to interrupt a run).
+    """
+    _, layout = validate_inputs(model_dir, out_dir, calib_text, settings, resume)
+    torch = require_torch()
+    rank, world = dist_rank_world()
+    writer = rank == 0
+    t_start = time.perf_counter()
+
+    with open(calib_text, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    identity = {**settings.identity(), "calib_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "model_dir": os.path.abspath(model_dir)}
+    progress_dir = os.path.join(out_dir, PROGRESS_DIR)
+    state_path = os.path.join(progress_dir, STATE_FILE)
+    state: dict[str, Any] = {"settings": identity, "finished_blocks": 0, "layers": [], "blocks": []}
+    if resume and os.path.isfile(os.path.join(out_dir, WEIGHTS_INDEX)) and not os.path.isdir(progress_dir):
+        with open(os.path.join(out_dir, REPORT_FILE), encoding="utf-8") as fh:
+            return json.load(fh)  # already complete: nothing to do
+    if resume and os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        if state["settings"] != identity:
+            changed = sorted(k for k in identity if state["settings"].get(k) != identity[k])
+            raise CompressionError(f"cannot resume: settings differ from the interrupted run ({', '.join(changed)})")
+
+    model, layout = load_dense_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    windows = calibration_windows(tokenizer, text, settings.nsamples, settings.seqlen, settings.seed)
+    blocks = blocks_of(model, layout)
+    locations = tensor_locations(model_dir)
+    names = module_names(model)
+    factorize = None
+    if settings.method.startswith("armor-"):
+        from backends import get_factorize
+
+        factorize = get_factorize(settings.backend, settings.device)
+
+    if writer:
+        os.makedirs(progress_dir, exist_ok=True)
+        if state["finished_blocks"] == 0:
+            copy_tokenizer_and_config(model_dir, out_dir)
+
+    # inputs of the first block still to do: captured (cheap: embeddings only), or the saved hidden states
+    batches = capture_block_inputs(model, blocks, windows, settings.batch_size, layout.kind == "causal")
+    start_block = state["finished_blocks"]
+    if start_block > 0:
+        saved = torch.load(os.path.join(progress_dir, f"hidden-{start_block:05d}.pt"), weights_only=True)
+        batches = [(h, kw) for h, (_, kw) in zip(saved, batches, strict=True)]
+
+    written: set[str] = set()
+    for i in range(start_block):  # tensors already in finished shards
+        written.update(_names_in_block(model, blocks[i], names, locations, layout))
+
+    n_linears = len(layout.linears)
+    bar_blocks = _progress(len(blocks), "blocks", 0, not (progress and writer))
+    bar_blocks.update(start_block)
+    for i in range(start_block, len(blocks)):
+        block = blocks[i]
+        block_prefix = names[id(block)]
+        t_block = time.perf_counter()
+        bar_layers = _progress(n_linears, f"block {i}", 1, not (progress and writer))
+        results: dict[str, LinearResult] = {}
+        for group in layout.groups:
+            linears = {rel: _get(block, rel) for rel in group}
+            grams = accumulate_grams(block, linears, batches)
+            for j, rel in enumerate(group):
+                owner = j % world
+                mine = None
+                if owner == rank:
+                    W = linears[rel].weight.detach().to(torch.float64).numpy()
+                    mine = compress_linear(W, grams[rel], settings, factorize)
+                result = share_result(mine, owner, world)
+                linears[rel].weight.data.copy_(torch.from_numpy(result.W_hat()).to(linears[rel].weight.dtype))
+                results[rel] = result
+                bar_layers.set_postfix_str(f"{rel} rel.err {result.report['relative_output_error']:.4f}")
+                bar_layers.update(1)
+        bar_layers.close()
+        with torch.no_grad():
+            batches = [(run_block(block, h, kw).detach().clone(), kw) for h, kw in batches]
+
+        layer_reports = []
+        for rel, result in results.items():
+            layer_reports.append({"block": i, "name": f"{block_prefix}.{rel}", "shape": list(result.S.shape),
+                                  **result.report})
+        if writer:
+            shard = _block_tensors(model, block, names, locations, layout, results, block_prefix)
+            atomic_save_safetensors(shard, os.path.join(out_dir, block_shard_name(i)),
+                                    shard_metadata(settings, _proxy_of(settings)))
+            if i + 1 < len(blocks):
+                atomic_torch_save([h for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
+            state["finished_blocks"] = i + 1
+            state["layers"].extend(layer_reports)
+            state["blocks"].append({"block": i, "seconds": time.perf_counter() - t_block})
+            atomic_write_json(state, state_path)
+            old = os.path.join(progress_dir, f"hidden-{i:05d}.pt")
+            if os.path.exists(old):
+                os.remove(old)
+        written.update(_names_in_block(model, block, names, locations, layout))
+        bar_blocks.update(1)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if on_block_done is not None:
+            on_block_done(i)
+    bar_blocks.close()
+
+    report: dict[str, Any] = {}
+    if writer:
+        rest = {name: read_checkpoint_tensor(locations, name) for name in sorted(locations) if name not in written}
+        atomic_save_safetensors(rest, os.path.join(out_dir, REST_SHARD), shard_metadata(settings, _proxy_of(settings)))
+        report = {
+            "model_dir": os.path.abspath(model_dir),
+            "settings": identity,
+            "architecture": read_config(model_dir).get("model_type"),
+            "world_size": world,
+            "blocks": state["blocks"],
+            "layers": state["layers"],
+            "linears": len(state["layers"]),
+            "seconds_total_this_run": time.perf_counter() - t_start,
+            "seconds_blocks": sum(b["seconds"] for b in state["blocks"]),
+            "machine": machine_info(),
+        }
+        _write_index(out_dir, len(blocks), settings)
+        atomic_write_json(report, os.path.join(out_dir, REPORT_FILE))
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    return report
+
+
+def _proxy_of(settings: CompressSettings) -> str:
+    return settings.method.removeprefix("armor-") if settings.method.startswith("armor-") else "none"
+
+
+def _get(block: Any, rel: str) -> Any:
+    module = block
+    for part in rel.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _names_in_block(model: Any, block: Any, names: dict[int, str], locations: dict[str, str],
+                    layout: Layout) -> set[str]:
+    """Checkpoint tensor names that belong to ``block`` (parameters and persistent buffers)."""
+    prefix = names[id(block)]
+    out = set()
+    for local, _ in list(block.named_parameters()) + list(block.named_buffers()):
+        ck = checkpoint_name(f"{prefix}.{local}", locations)
+        if ck is not None:
+            out.add(ck)
+    return out
+
+
+def _block_tensors(model: Any, block: Any, names: dict[int, str], locations: dict[str, str], layout: Layout,
+                   results: dict[str, LinearResult], prefix: str) -> dict[str, Any]:
+    """The tensors of one block's shard: spec §6 tensors for each compressed linear (under the checkpoint's own
+    name stem), everything else copied from the checkpoint."""
+    tensors: dict[str, Any] = {}
+    compressed_weights = set()
+    for rel, result in results.items():
+        ck = checkpoint_name(f"{prefix}.{rel}.weight", locations)
+        if ck is None:
+            raise ModelError(f"cannot find {prefix}.{rel}.weight in the checkpoint")
+        compressed_weights.add(ck)
+        tensors.update(armor_tensors(ck.removesuffix(".weight"), result))
+    for ck in sorted(_names_in_block(model, block, names, locations, layout) - compressed_weights):
+        tensors[ck] = read_checkpoint_tensor(locations, ck)
+    return tensors
+
+
+def _write_index(out_dir: str, n_blocks: int, settings: CompressSettings) -> None:
+    """``model.safetensors.index.json``: tensor name -> shard, with the ARMOR metadata."""
+    from safetensors import safe_open
+
+    weight_map = {}
+    total = 0
+    for shard in [block_shard_name(i) for i in range(n_blocks)] + [REST_SHARD]:
+        path = os.path.join(out_dir, shard)
+        total += os.path.getsize(path)
+        with safe_open(path, framework="pt") as fh:
+            for name in fh.keys():
+                weight_map[name] = shard
+    index = {"metadata": {**shard_metadata(settings, _proxy_of(settings)), "total_size": total},
+             "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_json(index, os.path.join(out_dir, WEIGHTS_INDEX))
+
+
+__all__ = ["BASELINES", "METHODS", "CompressSettings", "CompressionError", "compress_linear", "compress_model"]

@@ -1,0 +1,411 @@
+"""Hugging Face checkpoint directories: what is in them and which linears ARMOR compresses, in which order.
+
+A model directory holds ``config.json``, the weights (``model.safetensors`` or shards listed in
+``model.safetensors.index.json``) and tokenizer files. Supported layouts (``config.json``'s ``model_type``):
+
+* **BERT-style encoders** (``bert``, e.g. all-MiniLM-L6-v2): blocks ``encoder.layer.{i}``.
+* **The Llama layout** (``llama``, ``qwen2``, ``qwen3``, ``mistral``): blocks ``model.layers.{i}``.
+
+Inside a block the linears are compressed in *groups*, in forward order; the linears of one group read the same
+input, and a group's input is captured after every earlier group of the block has been compressed:
+
+====  =================================================  ==========================================
+step  BERT                                               Llama layout
+====  =================================================  ==========================================
+1     attention.self.query / key / value                 self_attn.q_proj / k_proj / v_proj
+2     attention.output.dense                             self_attn.o_proj
+3     intermediate.dense                                 mlp.gate_proj / up_proj
+4     output.dense                                       mlp.down_proj
+====  =================================================  ==========================================
+
+Embeddings, norms and the LM head stay dense. ``torch``/``transformers`` are imported lazily: the rest of the
+package imports without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+HF_INSTALL_HINT = "this command needs torch and transformers: pip install 'armor-ref[hf]'"
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be used (missing, malformed, unsupported); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the transformer blocks of an architecture live and which linears they hold, in compression order."""
+
+    kind: str  # "encoder" or "causal"
+    blocks_path: str  # attribute path of the block list inside the loaded model
+    groups: tuple[tuple[str, ...], ...]  # linears (relative to the block) per group, in forward order
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group)
+
+
+BERT_LAYOUT = Layout(
+    kind="encoder",
+    blocks_path="encoder.layer",
+    groups=(
+        ("attention.self.query", "attention.self.key", "attention.self.value"),
+        ("attention.output.dense",),
+        ("intermediate.dense",),
+        ("output.dense",),
+    ),
+)
+LLAMA_LAYOUT = Layout(
+    kind="causal",
+    blocks_path="model.layers",
+    groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+LAYOUTS: dict[str, Layout] = {
+    "bert": BERT_LAYOUT,
+    "llama": LLAMA_LAYOUT,
+    "qwen2": LLAMA_LAYOUT,
+    "qwen3": LLAMA_LAYOUT,
+    "mistral": LLAMA_LAYOUT,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Directory inspection (no torch needed)
+# ----------------------------------------------------------------------------------------------------------
+def read_config(model_dir: str) -> dict[str, Any]:
+    """``config.json`` of ``model_dir``; :class:`ModelError` when the directory or the file is missing/bad."""
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"model directory {model_dir!r} does not exist")
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ModelError(f"{model_dir!r} has no config.json; expected a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return config
+
+
+def layout_of(config: dict[str, Any]) -> Layout:
+    """The :class:`Layout` of a config's ``model_type``; :class:`ModelError` for unsupported architectures."""
+    model_type = config.get("model_type")
+    if model_type not in LAYOUTS:
+        raise ModelError(
+            f"unsupported architecture {model_type!r}; supported model_type values: {', '.join(sorted(LAYOUTS))}"
+        )
+    return LAYOUTS[model_type]
+
+
+def weight_files(model_dir: str) -> list[str]:
+    """The safetensors files of a model directory: the shards named in ``model.safetensors.index.json``, or
+    ``model.safetensors``. :class:`ModelError` when there are none."""
+    index = os.path.join(model_dir, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read {index}: {exc}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            raise ModelError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return [os.path.join(model_dir, f) for f in files]
+    single = os.path.join(model_dir, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise ModelError(f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+
+
+def tensor_locations(model_dir: str) -> dict[str, str]:
+    """Map every tensor name of the checkpoint to the safetensors file holding it."""
+    from safetensors import safe_open
+
+    locations: dict[str, str] = {}
+    for path in weight_files(model_dir):
+        with safe_open(path, framework="np") as fh:
+            for name in fh.keys():
+                locations[name] = path
+    return locations
+
+
+def copy_tokenizer_and_config(model_dir: str, out_dir: str) -> list[str]:
+    """Copy ``config.json`` and whatever tokenizer / sentence-transformers files exist (incl. pooling folders)."""
+    copied = []
+    for name in ("config.json", *TOKENIZER_FILES):
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    for entry in sorted(os.listdir(model_dir)):  # sentence-transformers module folders such as 1_Pooling
+        src = os.path.join(model_dir, entry)
+        if os.path.isdir(src) and entry[:1].isdigit() and "_" in entry:
+            shutil.copytree(src, os.path.join(out_dir, entry), dirs_exist_ok=True)
+            copied.append(entry + "/")
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch / transformers
+# ----------------------------------------------------------------------------------------------------------
+def require_torch() -> Any:
+    """Import and return ``torch``; :class:`ModelError` with the install hint when it is missing."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ModelError(HF_INSTALL_HINT) from None
+    return torch
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def model_class(layout: Layout) -> Any:
+    """``AutoModel`` for encoders, ``AutoModelForCausalLM`` for causal LMs."""
+    require_torch()
+    import transformers
+
+    return transformers.AutoModel if layout.kind == "encoder" else transformers.AutoModelForCausalLM
+
+
+def load_dense_model(model_dir: str) -> tuple[Any, Layout]:
+    """Load a (dense) checkpoint as a float32 transformers model in eval mode, offline."""
+    config = read_config(model_dir)
+    layout = layout_of(config)
+    weight_files(model_dir)
+    torch = require_torch()
+    _offline()
+    cls = model_class(layout)
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report one line
+        raise ModelError(f"cannot load {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, layout
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    """The directory's tokenizer (fast when available), offline."""
+    require_torch()
+    _offline()
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the tokenizer of {model_dir!r}: {str(exc).splitlines()[0]}") from None
+
+
+def get_submodule(root: Any, path: str) -> Any:
+    """``root.a.b.c`` for ``path = "a.b.c"``."""
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def blocks_of(model: Any, layout: Layout) -> Any:
+    """The ``ModuleList`` of transformer blocks. For a bare ``AutoModel`` (no task head) the path may lack a
+    leading ``model.``; both are tried."""
+    for path in (layout.blocks_path, layout.blocks_path.split(".", 1)[-1]):
+        try:
+            return get_submodule(model, path)
+        except AttributeError:
+            continue
+    raise ModelError(f"the loaded model has no {layout.blocks_path!r}")
+
+
+def module_names(model: Any) -> dict[int, str]:
+    """``id(module) -> qualified name`` within ``model``."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def checkpoint_name(param_name: str, checkpoint_names: set[str] | dict[str, str]) -> str | None:
+    """The checkpoint tensor name of a model parameter: the same name, or one that ends with it after a prefix
+    (``bert.encoder…`` for a model loaded without the ``bert.`` prefix), or the name without the model's own
+    prefix. ``None`` when nothing matches."""
+    if param_name in checkpoint_names:
+        return param_name
+    candidates = [n for n in checkpoint_names if n.endswith("." + param_name)]
+    if len(candidates) == 1:
+        return candidates[0]
+    parts = param_name.split(".")
+    for i in range(1, len(parts)):
+        tail = ".".join(parts[i:])
+        if tail in checkpoint_names:
+            return tail
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compressed directories: the ArmorLinear module
+# ----------------------------------------------------------------------------------------------------------
+_ARMOR_LINEAR_CLASS: Any = None
+
+
+def armor_linear_class() -> Any:
+    """The ``ArmorLinear`` torch module class (created on first use so that importing this module needs no
+    torch). ``y = A (S (B x)) + bias`` with ``A`` (R, b, b), ``B`` (K, b, b) block-diagonal factors and the 2:4
+    core ``S`` kept dense on the CPU (simple and exact; fast 2:4 GPU kernels live in ``backends/``)."""
+    global _ARMOR_LINEAR_CLASS
+    if _ARMOR_LINEAR_CLASS is not None:
+        return _ARMOR_LINEAR_CLASS
+    torch = require_torch()
+
+    class ArmorLinear(torch.nn.Module):
+        """A linear layer stored as ARMOR factors: ``Ŵ = blockdiag(A) · S · blockdiag(B)``."""
+
+        def __init__(self, A: Any, B: Any, S: Any, bias: Any | None) -> None:
+            super().__init__()
+            self.register_buffer("A", A.contiguous())
+            self.register_buffer("B", B.contiguous())
+            self.register_buffer("S", S.contiguous())
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            self.out_features, self.in_features = S.shape
+
+        def forward(self, x: Any) -> Any:
+            lead = x.shape[:-1]
+            K, b, _ = self.B.shape
+            R = self.A.shape[0]
+            h = x.reshape(-1, K, b).to(self.B.dtype)
+            h = torch.einsum("nkj,kij->nki", h, self.B).reshape(-1, K * b)  # B x, block by block
+            h = h @ self.S.T  # S (B x)
+            h = torch.einsum("nrj,rij->nri", h.reshape(-1, R, b), self.A).reshape(*lead, R * b)  # A (S B x)
+            if self.bias is not None:
+                h = h + self.bias
+            return h.to(x.dtype)
+
+        @property
+        def weight(self) -> Any:
+            """The dense reconstruction ``Ŵ`` (some model code reads ``.weight.dtype``/``.device``)."""
+            return self.dense_weight()
+
+        def dense_weight(self) -> Any:
+            R, b, _ = self.A.shape
+            K = self.B.shape[0]
+            SB = torch.einsum("okj,kji->oki", self.S.reshape(-1, K, b), self.B).reshape(-1, K * b)
+            return torch.einsum("rij,rjn->rin", self.A, SB.reshape(R, b, -1)).reshape(R * b, -1)
+
+        def extra_repr(self) -> str:
+            return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                    f"block_size={self.A.shape[1]}, bias={self.bias is not None}")
+
+    _ARMOR_LINEAR_CLASS = ArmorLinear
+    return ArmorLinear
+
+
+def make_armor_linear(A: Any, B: Any, values: Any, index: Any, bias: Any | None = None) -> Any:
+    """An ``ArmorLinear`` (float32) from spec §6 tensors (NumPy arrays or torch tensors)."""
+    import numpy as np
+
+    from .masks import unpack_2of4
+
+    torch = require_torch()
+
+    def as_np(t: Any) -> np.ndarray:
+        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+    core, _ = unpack_2of4(as_np(values).astype(np.float32), as_np(index).astype(np.uint8))
+
+    def as_t(a: Any) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(as_np(a), dtype=np.float32))
+
+    return armor_linear_class()(as_t(A), as_t(B), as_t(core), None if bias is None else as_t(bias))
+
+
+def is_armor_directory(model_dir: str) -> bool:
+    """True when the directory's weights hold spec §6 (``*.armor.*``) tensors."""
+    return any(".armor." in name for name in tensor_locations(model_dir))
+
+
+def load_model(model_dir: str) -> tuple[Any, Layout]:
+    """Load a dense checkpoint, or a compressed (ARMOR) directory as the same transformers model class whose
+    factorized linears are ``ArmorLinear`` modules. Float32, eval mode, offline."""
+    config = read_config(model_dir)
+    layout = layout_of(config)
+    locations = tensor_locations(model_dir)
+    if not any(".armor." in name for name in locations):
+        return load_dense_model(model_dir)
+    torch = require_torch()
+    _offline()
+    import transformers
+    from safetensors import safe_open
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot read the config of {model_dir!r}: {str(exc).splitlines()[0]}") from None
+    model = model_class(layout).from_config(hf_config, dtype=torch.float32)
+    model.eval()
+
+    def tensor(name: str) -> Any:
+        with safe_open(locations[name], framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    stems = sorted({name.split(".armor.")[0] for name in locations if ".armor." in name})
+    replaced: set[str] = set()
+    for qualified, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        ck = checkpoint_name(f"{qualified}.weight", {f"{s}.weight": s for s in stems})
+        if ck is None:
+            continue
+        stem = ck.removesuffix(".weight")
+        bias_name = checkpoint_name(f"{qualified}.bias", locations) if module.bias is not None else None
+        new = make_armor_linear(tensor(f"{stem}.armor.A"), tensor(f"{stem}.armor.B"), tensor(f"{stem}.armor.values"),
+                                tensor(f"{stem}.armor.index"), tensor(bias_name) if bias_name else None)
+        parent_name, _, child = qualified.rpartition(".")
+        setattr(get_submodule(model, parent_name) if parent_name else model, child, new)
+        replaced.add(stem)
+    if replaced != set(stems):
+        raise ModelError(f"{len(set(stems) - replaced)} factorized tensor(s) match no linear of the model")
+
+    state = {}
+    for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(name.startswith(prefix) for prefix in ()):
+            continue
+        ck = checkpoint_name(name, locations)
+        if ck is not None and ".armor." not in ck:
+            state[name] = tensor(ck).to(param.dtype)
+    missing, _ = model.load_state_dict(state, strict=False), None
+    unloaded = [n for n in missing.missing_keys
+                if not n.endswith((".A", ".B", ".S")) and not n.endswith("position_ids")]
+    if unloaded and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+        unloaded = [n for n in unloaded if not n.startswith("lm_head")]
+    if unloaded:
+        raise ModelError(f"{model_dir!r} lacks {len(unloaded)} tensor(s), e.g. {unloaded[0]}")
+    return model, layout

@@ -1,0 +1,161 @@
+"""Model directories: layouts, loading, the spec §6 shards and the ArmorLinear module.
+
+The tiny models here are built offline from local configs (random init, a word-level tokenizer trained on nothing
+but a fixed word list), so these tests need no download and no installed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from armor_ref.models import (  # noqa: E402
+    BERT_LAYOUT,
+    LLAMA_LAYOUT,
+    ModelError,
+    blocks_of,
+    checkpoint_name,
+    layout_of,
+    read_config,
+    tensor_locations,
+    weight_files,
+)
+
+WORDS = (
+    "the of and to a in is for that this with are be as on it by an or from not can which at will if when "
+    "python function module class object value return list string file data type method name default error "
+    "argument call set new use used code number first each other more than only also into"
+).split()
+
+
+def sample_text(n_words: int = 6000, seed: int = 0) -> str:
+    """Deterministic pseudo-English from :data:`WORDS` (Zipf-like frequencies), in paragraphs."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, len(WORDS) + 1)
+    words = rng.choice(WORDS, size=n_words, p=p / p.sum())
+    paragraphs = [" ".join(words[i : i + 60]) + "." for i in range(0, n_words, 60)]
+    return "\n\n".join(paragraphs)
+
+
+def save_word_tokenizer(out_dir: str) -> None:
+    """A word-level fast tokenizer over :data:`WORDS` with BERT-style special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS + ["."])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(out_dir)
+
+
+def make_tiny_model(kind: str, out_dir: str, layers: int = 2, hidden: int = 64, seed: int = 0,
+                    shards: bool = False) -> str:
+    """Save a random tiny ``bert`` or ``llama`` checkpoint with its tokenizer to ``out_dir``; return it."""
+    torch.manual_seed(seed)
+    vocab = 128  # > the word-level tokenizer's vocabulary
+    if kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=2 * hidden, max_position_embeddings=128,
+        )
+        model = transformers.BertModel(config)
+    elif kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(out_dir, max_shard_size="100KB" if shards else "5GB")
+    save_word_tokenizer(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+def test_layouts_list_linears_in_forward_order():
+    assert BERT_LAYOUT.linears[:3] == ("attention.self.query", "attention.self.key", "attention.self.value")
+    assert LLAMA_LAYOUT.linears[-1] == "mlp.down_proj"
+    for model_type in ("llama", "qwen2", "qwen3", "mistral"):
+        assert layout_of({"model_type": model_type}) is LLAMA_LAYOUT
+    with pytest.raises(ModelError, match="unsupported architecture 'gpt2'"):
+        layout_of({"model_type": "gpt2"})
+
+
+def test_bad_directories_give_one_line_errors(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        read_config(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="no config.json"):
+        read_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot read"):
+        read_config(str(tmp_path))
+    with pytest.raises(ModelError, match="has no model.safetensors"):
+        weight_files(str(tmp_path))
+
+
+def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
+    d = make_tiny_model("llama", str(tmp_path / "m"), shards=True)
+    files = weight_files(d)
+    assert len(files) > 1 and os.path.isfile(os.path.join(d, "model.safetensors.index.json"))
+    locations = tensor_locations(d)
+    assert "model.layers.1.mlp.down_proj.weight" in locations
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+    assert set(locations) == set(index["weight_map"])
+
+
+def test_checkpoint_name_maps_model_parameters_to_stored_names():
+    stored = {"bert.encoder.layer.0.output.dense.weight", "lm_head.weight"}
+    assert checkpoint_name("encoder.layer.0.output.dense.weight", stored) == "bert.encoder.layer.0.output.dense.weight"
+    assert checkpoint_name("lm_head.weight", stored) == "lm_head.weight"
+    assert checkpoint_name("x.y", stored) is None
+
+
+def test_blocks_are_found_in_both_tiny_models(tmp_path):
+    from armor_ref.models import load_dense_model
+
+    for kind in ("bert", "llama"):
+        model, layout = load_dense_model(make_tiny_model(kind, str(tmp_path / kind)))
+        blocks = blocks_of(model, layout)
+        assert len(blocks) == 2
+        for rel in layout.linears:  # every listed linear exists
+            module = blocks[0]
+            for part in rel.split("."):
+                module = getattr(module, part)
+            assert isinstance(module, torch.nn.Linear)
+
+
+def test_armor_linear_matches_dense_reconstruction():
+    from armor_ref.factorization import reconstruct
+    from armor_ref.masks import pack_2of4, select_2of4
+    from armor_ref.models import make_armor_linear
+
+    rng = np.random.default_rng(0)
+    d_out, d_in, b = 64, 32, 16
+    A = rng.standard_normal((d_out // b, b, b))
+    B = rng.standard_normal((d_in // b, b, b))
+    W = rng.standard_normal((d_out, d_in))
+    M = select_2of4(np.abs(W))
+    values, index = pack_2of4(W * M, M)
+    bias = rng.standard_normal(d_out)
+    layer = make_armor_linear(A, B, values, index, bias)
+    x = torch.from_numpy(rng.standard_normal((3, 5, d_in)).astype(np.float32))
+    expected = x.double().numpy() @ reconstruct(A, W * M, B).T + bias
+    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert layer.in_features == d_in and layer.out_features == d_out
+    np.testing.assert_allclose(layer.dense_weight().numpy(), reconstruct(A, W * M, B), rtol=1e-5, atol=1e-5)
