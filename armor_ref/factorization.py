@@ -29,6 +29,7 @@ DEFAULT_INIT = {"nowag": "nowag-p", "hessian": "sparsegpt"}
 DEFAULT_SWEEPS = {"nowag": 30, "hessian": 20}
 DEFAULT_TOL = 1e-5
 SCHEDULES = ("bcd", "adam")
+CORE_CG_ITERATIONS = 50  # conjugate-gradient iterations of one core-values step
 _RIDGE = 1e-12  # relative eigenvalue cut-off of the pseudo-inverses
 
 
@@ -142,9 +143,8 @@ def a_step(problem: Problem, f: Factors) -> None:
     R, b, _ = f.A.shape
     P = blockdiag_right(f.S, f.B)  # (d_out, d_in)
     PH = _times_H(problem, P).reshape(R, b, -1)
-    T = problem.target.reshape(R, b, -1)
     Pt = P.reshape(R, b, -1).transpose(0, 2, 1)  # (R, d_in, b)
-    numer = _times_H(problem, T.reshape(R * b, -1)).reshape(R, b, -1) @ Pt  # T_r H P_rᵀ
+    numer = problem.target_times_H.reshape(R, b, -1) @ Pt  # T_r H P_rᵀ
     gram = PH @ Pt  # P_r H P_rᵀ  (R, b, b)
     f.A += (numer - f.A @ gram) @ psd_pinv(gram)
 
@@ -175,22 +175,33 @@ def b_step(problem: Problem, f: Factors) -> None:
         G -= (Qk[k] @ dB) @ H[cols, :]
 
 
-def core_values_step(problem: Problem, f: Factors, max_iter: int = 50, rtol: float = 1e-10) -> None:
+def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = 1e-10) -> None:
     """Core-values step (mask fixed): the kept entries solve the convex quadratic
     ``M ⊙ (AᵀA S (B H Bᵀ)) = M ⊙ (Aᵀ T H Bᵀ)`` (nowag: ``H = D``; independent per tile for nowag and per
     row block for hessian). Solved by Jacobi-preconditioned conjugate gradient started at the current
     values, which never increases a convex quadratic; ``max_iter`` bounds the work, ``rtol`` the residual."""
     A, B, M = f.A, f.B, f.M
-    R, b, _ = A.shape
+    b = f.block_size
     AtA = np.swapaxes(A, 1, 2) @ A  # (R, b, b)
-    Bd = blockdiag_dense(B)
-    C = _times_H(problem, Bd) @ Bd.T  # B H Bᵀ (d_in, d_in)
+    if problem.diagonal:  # B D Bᵀ is block diagonal: (K, b, b)
+        C_blocks = (B * np.diag(problem.H).reshape(-1, 1, b)) @ np.swapaxes(B, 1, 2)
+        C_diag = np.einsum("kii->ki", C_blocks).reshape(-1)
+
+        def times_C(X: np.ndarray) -> np.ndarray:
+            return blockdiag_right(X, C_blocks)
+    else:
+        Bd = blockdiag_dense(B)
+        C = Bd @ problem.H @ Bd.T  # B H Bᵀ (d_in, d_in)
+        C_diag = np.diag(C)
+
+        def times_C(X: np.ndarray) -> np.ndarray:
+            return X @ C
 
     def operator(X: np.ndarray) -> np.ndarray:  # M ⊙ (AᵀA X C)
-        return M * (blockdiag_left(AtA, X) @ C)
+        return M * times_C(blockdiag_left(AtA, X))
 
-    rhs = M * blockdiag_right(blockdiag_left(np.swapaxes(A, 1, 2), _times_H(problem, problem.target)), np.swapaxes(B, 1, 2))
-    precond = np.einsum("rii->ri", AtA).reshape(-1)[:, None] * np.diag(C)[None, :]
+    rhs = M * blockdiag_right(blockdiag_left(np.swapaxes(A, 1, 2), problem.target_times_H), np.swapaxes(B, 1, 2))
+    precond = np.einsum("rii->ri", AtA).reshape(-1)[:, None] * C_diag[None, :]
     precond = np.where(M & (precond > 0), 1.0 / np.where(precond > 0, precond, 1.0), 0.0)
 
     X = f.S * M
@@ -227,102 +238,173 @@ _SUPPORT_MASKS = np.zeros((len(SUPPORTS), GROUP), dtype=bool)
 _SUPPORT_MASKS[np.arange(len(SUPPORTS))[:, None], SUPPORTS] = True
 
 
-def best_support(Q: np.ndarray, ell: np.ndarray, a_norm2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class GroupTables:
+    """What the discrete step needs of ``B`` and ``H`` for the groups of a batch of column blocks ``ks``
+    (fixed while the discrete step runs). For group ``g`` (4 rows of ``B_k``, ``B_g``):
+    ``BH[k] = B_k H_kk`` (nk, b, b), ``Q[k, g] = B_g H_kk B_gᵀ`` (nk, b/4, 4, 4) and the pseudo-inverses of
+    its 6 principal 2×2 blocks ``Q_ss⁺`` (nk, b/4, 6, 2, 2)."""
+
+    BH: np.ndarray
+    Q: np.ndarray
+    Q_ss: np.ndarray
+    Q_ss_pinv: np.ndarray
+
+
+def group_tables(B_ks: np.ndarray, H_kk: np.ndarray) -> GroupTables:
+    """Build :class:`GroupTables` from ``B_k`` (nk, b, b) and ``H_kk`` (nk, b, b)."""
+    nk, b, _ = B_ks.shape
+    BH = B_ks @ H_kk
+    full = BH @ np.swapaxes(B_ks, 1, 2)  # B_k H_kk B_kᵀ; group g is its g-th 4×4 diagonal block
+    g = np.arange(b // GROUP)
+    rows = GROUP * g[:, None] + np.arange(GROUP)  # (b/4, 4)
+    Q = full[:, rows[:, :, None], rows[:, None, :]]  # (nk, b/4, 4, 4)
+    Q_ss = Q[..., SUPPORTS[:, :, None], SUPPORTS[:, None, :]]  # (nk, b/4, 6, 2, 2)
+    return GroupTables(BH, Q, Q_ss, psd_pinv(Q_ss))
+
+
+def support_costs(
+    Q: np.ndarray, Q_ss: np.ndarray, Q_ss_pinv: np.ndarray, ell: np.ndarray, a_norm2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """For each group, the optimal values on each of the 6 supports and their cost.
 
     Minimising ``φ(u) = ‖a‖² uᵀ Q u − 2 uᵀ ℓ`` over ``u`` supported on ``s`` gives
     ``u_s = Q_ss⁻¹ ℓ_s / ‖a‖²`` and ``cost_s = φ(u_s) = −ℓ_sᵀ Q_ss⁻¹ ℓ_s / ‖a‖²``. ``Q_ss⁻¹`` is a pseudo-inverse,
     and the cost is evaluated as ``φ(u_s)`` itself so that a singular ``Q_ss`` cannot mislead the choice.
-    Shapes: ``Q`` (..., 4, 4), ``ell`` (..., 4), ``a_norm2`` (...). Returns ``u`` (..., 6, 4), ``cost`` (..., 6).
+    Shapes: ``Q`` (..., 4, 4), ``Q_ss``/``Q_ss_pinv`` (..., 6, 2, 2), ``ell`` (..., 4), ``a_norm2`` (...).
+    Returns ``u`` (..., 6, 4) and ``cost`` (..., 6).
     """
-    Q_ss = Q[..., SUPPORTS[:, :, None], SUPPORTS[:, None, :]]  # (..., 6, 2, 2)
     ell_s = ell[..., SUPPORTS]  # (..., 6, 2)
     scale = np.where(a_norm2 > 0, a_norm2, 1.0)[..., None, None]
-    u_s = (psd_pinv(Q_ss) @ ell_s[..., None])[..., 0] / scale
+    u_s = np.einsum("...ij,...j->...i", Q_ss_pinv, ell_s) / scale  # (..., 6, 2)
     cost = scale[..., 0] * np.einsum("...i,...ij,...j->...", u_s, Q_ss, u_s) - 2 * np.sum(u_s * ell_s, axis=-1)
     u = np.zeros(ell.shape[:-1] + (len(SUPPORTS), GROUP))
-    np.put_along_axis(u, np.broadcast_to(SUPPORTS, u.shape[:-1] + (2,)), u_s, axis=-1)
+    u[..., np.arange(len(SUPPORTS))[:, None], SUPPORTS] = u_s
     return u, cost
 
 
-def update_groups(
-    f: Factors, G_tiles: np.ndarray, BH: np.ndarray, ks: slice, p: np.ndarray, g: np.ndarray
-) -> int:
+def choose_supports(
+    Q: np.ndarray,
+    Q_ss: np.ndarray,
+    Q_ss_pinv: np.ndarray,
+    ell: np.ndarray,
+    a_norm2: np.ndarray,
+    s: np.ndarray,
+    m: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The discrete decision for a batch of groups with current values ``s`` and mask ``m`` (..., 4).
+
+    The cheapest of the 6 supports is taken only if it is strictly cheaper than the current support (on a
+    tie the current one stays); the new values are accepted only if ``φ`` strictly decreases, and never for a
+    group with ``a = 0``. Returns the new values (..., 4), the new mask (..., 4) and whether the support changed.
+    """
+    u, cost = support_costs(Q, Q_ss, Q_ss_pinv, ell, a_norm2)  # (..., 6, 4), (..., 6)
+    Qs = np.einsum("...gh,...h->...g", Q, s)
+    cost_now = a_norm2 * np.sum(s * Qs, axis=-1) - 2 * np.sum(s * ell, axis=-1)
+    current = _SUPPORT_OF_PATTERN[m.astype(np.int64) @ (1 << np.arange(GROUP))]
+    cost_current = np.take_along_axis(cost, current[..., None], axis=-1)[..., 0]
+    best = np.argmin(cost, axis=-1)
+    tolerance = 1e-12 * (np.abs(cost_current) + np.abs(cost_now)) + 1e-300
+    switch = np.take_along_axis(cost, best[..., None], axis=-1)[..., 0] < cost_current - tolerance
+    chosen = np.where(switch, best, current)
+    cost_new = np.take_along_axis(cost, chosen[..., None], axis=-1)[..., 0]
+    accept = (a_norm2 > 0) & (cost_new < cost_now)
+    u_new = np.where(accept[..., None], np.take_along_axis(u, chosen[..., None, None], axis=-2)[..., 0, :], s)
+    m_new = np.where(accept[..., None], _SUPPORT_MASKS[chosen], m)
+    return u_new, m_new, accept & switch
+
+
+def group_ell_first_term(f: Factors, G: np.ndarray) -> np.ndarray:
+    """``B_g G_rkᵀ a`` for every group at once: it is the entry block of ``Aᵀ G Bᵀ`` (= −½ ∂L/∂S)."""
+    return blockdiag_right(blockdiag_left(np.swapaxes(f.A, 1, 2), G), np.swapaxes(f.B, 1, 2))
+
+
+def improvable_groups(problem: Problem, f: Factors, G: np.ndarray, tables: GroupTables) -> np.ndarray:
+    """Which groups could strictly lower the loss by changing support, each judged alone at the current
+    point (exact for a single-group change). Returns a bool array (R, b, K, b/4): row block, row in block,
+    column block, group in block. No True at all means the current masks are discrete-stationary."""
+    R, b, _ = f.A.shape
+    K = f.B.shape[0]
+    shape = (R, b, K, b // GROUP, GROUP)
+    s = f.S.reshape(shape)
+    m = f.M.reshape(shape)
+    a_norm2 = np.broadcast_to(np.sum(f.A * f.A, axis=1)[:, :, None, None], shape[:-1])  # ‖A[:, i]‖²
+    Q = tables.Q[None, None]
+    ell = group_ell_first_term(f, G).reshape(shape) + a_norm2[..., None] * np.einsum("...gh,...h->...g", Q, s)
+    _, _, switch = choose_supports(Q, tables.Q_ss[None, None], tables.Q_ss_pinv[None, None], ell, a_norm2, s, m)
+    return switch
+
+
+def update_groups(f: Factors, G_tiles: np.ndarray, tables: GroupTables, ks: slice, p: np.ndarray, g: np.ndarray) -> int:
     """Re-choose the support and values of one group in each of a batch of tiles that cannot interact.
 
     Tiles: row blocks ``r = 0..R−1`` × the column blocks ``ks`` (``nk`` of them). In tile ``(r, k)`` the group is
     row ``p[r, k]`` of the row block and the 4 columns ``4·g[r, k] … 4·g[r, k]+3`` of the column block.
-    ``G_tiles`` (R, nk, b, b) holds ``((T − Ŵ) H)`` on those tiles and is kept current; ``BH`` (nk, b, b) is
-    ``B_k H_kk``. With ``a`` = column ``p`` of ``A_r``, ``B_g`` = rows ``g`` of ``B_k`` and current values ``s``:
-    ``Q = B_g H_kk B_gᵀ`` and ``ℓ = B_g (R H)ᵀ a = B_g G_rkᵀ a + ‖a‖² Q s`` (the group's contribution added back).
-    The cheapest support wins; on a tie the current one stays; groups with ``a = 0`` are skipped.
-    Returns the number of groups whose support changed.
+    ``G_tiles`` (R, nk, b, b) holds ``((T − Ŵ) H)`` on those tiles and is kept current; ``tables`` are those of
+    the column blocks ``ks``. With ``a`` = column ``p`` of ``A_r``, ``B_g`` = rows ``g`` of ``B_k`` and current
+    values ``s``: ``Q = B_g H_kk B_gᵀ`` and ``ℓ = B_g (R H)ᵀ a = B_g G_rkᵀ a + ‖a‖² Q s`` (``R`` the residual
+    with the group's contribution added back). Returns the number of groups whose support changed.
     """
     R, b, _ = f.A.shape
     K = f.B.shape[0]
     nk = G_tiles.shape[1]
     rr = np.arange(R)[:, None, None]
     kk = np.arange(nk)[None, :, None]
-    cols = 4 * g[..., None] + np.arange(GROUP)  # (R, nk, 4) columns inside the block
+    cols = GROUP * g[..., None] + np.arange(GROUP)  # (R, nk, 4) columns inside the block
     S4 = f.S.reshape(R, b, K, b)[:, :, ks, :]  # views into f.S / f.M
     M4 = f.M.reshape(R, b, K, b)[:, :, ks, :]
-    Bk = f.B[ks]  # (nk, b, b)
 
     a = f.A[rr[..., 0], :, p]  # (R, nk, b)
     a_norm2 = np.sum(a * a, axis=-1)  # (R, nk)
-    B_g = Bk[kk, cols]  # (R, nk, 4, b)
-    BgH = BH[kk, cols]  # (R, nk, 4, b)
-    Q = BgH @ np.swapaxes(B_g, -1, -2)  # (R, nk, 4, 4)
+    B_g = f.B[ks][kk, cols]  # (R, nk, 4, b)
+    BgH = tables.BH[kk, cols]  # (R, nk, 4, b)
+    kg = (kk[..., 0], g)
+    Q = tables.Q[kg]  # (R, nk, 4, 4)
     s = S4[rr, p[..., None], kk, cols]  # (R, nk, 4)
     m = M4[rr, p[..., None], kk, cols]
     Gta = np.einsum("rkij,rki->rkj", G_tiles, a)  # G_rkᵀ a  (R, nk, b)
     ell = np.einsum("rkgj,rkj->rkg", B_g, Gta) + a_norm2[..., None] * np.einsum("rkgh,rkh->rkg", Q, s)
 
-    u, cost = best_support(Q, ell, a_norm2)  # (R, nk, 6, 4), (R, nk, 6)
-    current = _SUPPORT_OF_PATTERN[m.astype(np.int64) @ (1 << np.arange(GROUP))]
-    cost_now = a_norm2 * np.einsum("...i,...ij,...j->...", s, Q, s) - 2 * np.sum(s * ell, axis=-1)
-    cost_current = np.take_along_axis(cost, current[..., None], axis=-1)[..., 0]
-    best = np.argmin(cost, axis=-1)
-    tolerance = 1e-12 * (np.abs(cost_current) + np.abs(cost_now)) + 1e-300
-    switch = cost.min(axis=-1) < cost_current - tolerance
-    chosen = np.where(switch, best, current)
-    u_new = np.take_along_axis(u, chosen[..., None, None], axis=-2)[..., 0, :]  # (R, nk, 4)
-    cost_new = np.take_along_axis(cost, chosen[..., None], axis=-1)[..., 0]
-    accept = (a_norm2 > 0) & (cost_new < cost_now)
-    u_new = np.where(accept[..., None], u_new, s)
-    m_new = np.where(accept[..., None], _SUPPORT_MASKS[chosen], m)
-
+    u_new, m_new, switched = choose_supports(Q, tables.Q_ss[kg], tables.Q_ss_pinv[kg], ell, a_norm2, s, m)
     S4[rr, p[..., None], kk, cols] = u_new
     M4[rr, p[..., None], kk, cols] = m_new
     delta = u_new - s  # (R, nk, 4): Ŵ_T changes by a ⊗ (δᵀ B_g), so G_rk −= a ⊗ (δᵀ B_g H_kk)
     G_tiles -= a[..., :, None] * np.einsum("rkg,rkgj->rkj", delta, BgH)[..., None, :]
-    return int(np.sum(accept & switch))
+    return int(np.sum(switched))
 
 
 def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int:
-    """Visit every 2:4 group once, in a random order, re-choosing its support (spec §5, discrete step).
+    """Re-choose 2:4 supports group by group (spec §5, discrete step).
 
-    Groups run in parallel only where they cannot interact: nowag — one group per tile (``H`` diagonal,
-    so column blocks are independent); hessian — one group per row block, column block after column block,
-    with ``G = (T − Ŵ) H`` brought up to date after each column block. Returns the number of support changes.
+    First every group is judged alone at the current point (:func:`improvable_groups`, one vectorised pass);
+    then, in a random order, each position (row ``p`` of the row blocks, group ``g`` of the column blocks)
+    where some group can improve is updated exactly, in parallel only where groups cannot interact:
+    nowag — one group per tile (``H`` diagonal, so column blocks are independent); hessian — one group per row
+    block, column block after column block, with ``G = (T − Ŵ) H`` brought up to date after each column
+    block. Returns the number of support changes.
     """
     R, b, _ = f.A.shape
     K = f.B.shape[0]
     d_out = f.S.shape[0]
     G = _times_H(problem, problem.target - f.W_hat())
-    Hkk = diagonal_blocks(problem.H, b)
+    tables = group_tables(f.B, diagonal_blocks(problem.H, b))
+    candidates = improvable_groups(problem, f, G, tables)  # (R, b, K, b/4)
     batches = [slice(0, K)] if problem.diagonal else [slice(k, k + 1) for k in range(K)]
     changed = 0
     for ks in batches:
         nk = ks.stop - ks.start
         col_range = slice(ks.start * b, ks.stop * b)
+        worth_visiting = candidates[:, :, ks, :].any(axis=(0, 2)).reshape(-1)  # (b · b/4,) positions (p, g)
+        if not worth_visiting.any():
+            continue
         S_before = f.S[:, col_range].copy()
         G_tiles = G[:, col_range].reshape(R, b, nk, b).transpose(0, 2, 1, 3).copy()  # (R, nk, b, b)
-        BH = f.B[ks] @ Hkk[ks]
+        batch_tables = GroupTables(tables.BH[ks], tables.Q[ks], tables.Q_ss[ks], tables.Q_ss_pinv[ks])
         for flat in rng.permutation(b * (b // GROUP)):
-            p = np.full((R, nk), flat // (b // GROUP))
-            g = np.full((R, nk), flat % (b // GROUP))
-            changed += update_groups(f, G_tiles, BH, ks, p, g)
+            if worth_visiting[flat]:
+                p = np.full((R, nk), flat // (b // GROUP))
+                g = np.full((R, nk), flat % (b // GROUP))
+                changed += update_groups(f, G_tiles, batch_tables, ks, p, g)
         if not problem.diagonal:  # carry the column block's change into G for the blocks still to come
             dE = -blockdiag_left(f.A, blockdiag_right(f.S[:, col_range] - S_before, f.B[ks]))
             G += dE.reshape(d_out, -1) @ problem.H[col_range, :]
@@ -423,7 +505,7 @@ def run_adam(
         draws = rng.random((R, nk, 1)) * cdf[..., -1:]
         flat = np.minimum(np.sum(cdf < draws, axis=-1), weights.shape[-1] - 1)
         G_tiles = G[:, col_range].reshape(R, b, nk, b).transpose(0, 2, 1, 3).copy()
-        update_groups(f, G_tiles, f.B[ks] @ Hkk[ks], ks, flat // (b // GROUP), flat % (b // GROUP))
+        update_groups(f, G_tiles, group_tables(f.B[ks], Hkk[ks]), ks, flat // (b // GROUP), flat % (b // GROUP))
 
         loss = problem.loss(f.W_hat())
         trace.append({"sweep": it, "step": "adam", "loss": loss})
@@ -449,7 +531,9 @@ def check_shapes(d_out: int, d_in: int, block_size: int) -> None:
     check_groupable(d_in)
     for name, d in (("output", d_out), ("input", d_in)):
         if d % block_size != 0:
-            raise ValueError(f"{name} dimension {d} is not divisible by block size {block_size}; pick one that divides it")
+            raise ValueError(
+                f"{name} dimension {d} is not divisible by block size {block_size}; pick one that divides it"
+            )
 
 
 def factorize(

@@ -16,6 +16,7 @@ factorization and the baselines work on; the normalisation is folded back into t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -88,6 +89,13 @@ class Problem:
     def diagonal(self) -> bool:
         """True when ``H`` is diagonal (nowag): columns then do not interact, which allows more parallelism."""
         return self.proxy == "nowag"
+
+    @cached_property
+    def target_times_H(self) -> np.ndarray:
+        """``T H`` (d_out, d_in), used by every step; computed once."""
+        if self.diagonal:
+            return self.target * np.diag(self.H)[None, :]
+        return self.target @ self.H
 
     def loss(self, W_hat_T: np.ndarray) -> float:
         """The proxy loss of an approximation given in the optimised space."""
