@@ -325,7 +325,8 @@ def check_discrete_batch(
     if not not_increased(before, after, rtol, loss_floor(problem)):
         out.append(f"discrete step increased the loss: {before!r} -> {after!r}")
     G_now = times_H(problem, problem.target - W_new)[:, col_range].reshape(R, b, nk, b).transpose(0, 2, 1, 3)
-    if not np.allclose(G_tiles, G_now, rtol=1e-7, atol=1e-9 * (np.abs(G_now).max() + 1e-300)):
+    G_scale = float(np.abs(times_H(problem, problem.target)).max()) + float(np.abs(times_H(problem, W_new)).max())
+    if not np.allclose(G_tiles, G_now, rtol=1e-7, atol=1e-9 * G_scale):
         out.append("update_groups left G = (T − Ŵ) H out of date")
     W_old = f.W_hat()
     for r in range(R):
@@ -386,4 +387,56 @@ def check_result(result: ArmorResult, proxy_loss: Callable[[np.ndarray], float])
         out.append(f"reported loss {result.loss!r} but Ŵ has proxy loss {measured!r}")
     if not not_increased(result.baseline_loss, result.loss, atol=floor):
         out.append(f"ARMOR loss {result.loss!r} above its baseline's {result.baseline_loss!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Convergence and block-wise stationarity
+# ----------------------------------------------------------------------------------------------------------
+def best_group_gain(problem: Problem, f: Factors) -> float:
+    """The largest decrease of the loss that re-choosing one group (support and values) could still bring,
+    by brute force over every group of the core. 0 at a discrete fixed point."""
+    b = f.block_size
+    d_out, d_in = f.S.shape
+    W_hat = f.W_hat()
+    gain = 0.0
+    for row in range(d_out):
+        r, p = divmod(row, b)
+        for col in range(0, d_in, GROUP):
+            k, g = divmod(col, b)
+            losses = brute_force_group(problem, f, r, k, p, g // GROUP)
+            gain = max(gain, local_loss(problem, W_hat, r, k, b) - float(losses.min()))
+    return gain
+
+
+def sweep_losses(trace: Sequence[dict]) -> np.ndarray:
+    """The loss at the start and after every sweep of a ``run_bcd`` trace."""
+    return np.array([trace[0]["loss"]] + [e["loss"] for e in trace if e["step"] == "discrete"])
+
+
+def check_converged(problem: Problem, f: Factors, trace: Sequence[dict], shrink: float = 1e-3) -> list[str]:
+    """After a long ``run_bcd`` with ``tol = 0`` (state ``f``, its ``trace``):
+
+    * the per-sweep improvements are ≥ 0 and the last one is at most ``shrink ×`` the total decrease;
+    * the final iterate is block-wise stationary to the accuracy that the last improvement allows: every
+      continuous gradient is at most ``max(1e-6, √(last improvement / L))`` relative (the sufficient-decrease
+      bound of PROOF.md, Lemma 5: an exact block step removes ``gᵀM⁺g/4 ≥ ‖g‖²/(4λ_max)`` of the loss), and
+      no single group can decrease the loss by more than ``max(last improvement, 1e-9 · L)``.
+    """
+    out = []
+    losses = sweep_losses(trace)
+    floor = loss_floor(problem)
+    improvements = -np.diff(losses)
+    if np.any(improvements < -(MONOTONE_RTOL * losses[:-1] + floor)):
+        out.append(f"a sweep increased the loss: {improvements.min()!r}")
+    total = losses[0] - losses[-1]
+    last = max(float(improvements[-1]), 0.0) if len(improvements) else 0.0
+    if last > shrink * total + floor:
+        out.append(f"improvements did not shrink: last {last!r}, total {total!r}")
+    L = max(float(losses[-1]), floor, 1e-300)
+    rtol = max(1e-6, float(np.sqrt(last / L)))
+    out += check_stationary_continuous(problem, f, rtol)
+    gain = best_group_gain(problem, f)
+    if gain > max(last, 1e-9 * L) + floor:
+        out.append(f"a single group can still decrease the loss by {gain!r} (last sweep improved {last!r})")
     return out

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from armor_ref.baselines import BASELINES, run_baseline
-from armor_ref.factorization import factorize
+from armor_ref.factorization import factorize, reconstruct
 from armor_ref.objectives import damped, hessian_loss, nowag_loss
 from verification.checkers import NOISE_FLOOR, check_result, not_increased
 from verification.profiles import scaled
@@ -85,17 +85,17 @@ def test_adam_schedule_returns_best_iterate(spec: LayerSpec, proxy: str) -> None
 @pytest.mark.skipif(importlib.util.find_spec("armor_ref.io") is None, reason="armor_ref.io not written yet")
 @scaled(0.5)
 @given(spec=layer_specs(max_dim=32, block_sizes=(4, 8, 16)), proxy=proxies)
-def test_exported_file_rebuilds_w_hat(spec: LayerSpec, proxy: str) -> None:  # pragma: no cover - optional
-    """The exported file rebuilds the in-memory ``Ŵ`` (float32 storage: relative 1e-6)."""
-    import tempfile
-    from pathlib import Path
-
-    from verification.io_roundtrip import round_trip_w_hat
+def test_exported_file_rebuilds_w_hat(spec: LayerSpec, proxy: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``save_armor`` then ``load_armor`` rebuilds ``Ŵ``: exactly the float32-rounded factors' product, and the
+    in-memory ``Ŵ`` up to float32 rounding."""
+    from armor_ref.io import load_armor, save_armor
 
     layer = spec.build()
     result = factorize(layer.W, layer.gram, proxy, block_size=layer.block_size, sweeps=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        rebuilt = round_trip_w_hat(result, Path(tmp))
-    W_hat = result.W_hat()
-    assert rebuilt.shape == W_hat.shape
-    assert np.allclose(rebuilt, W_hat, rtol=1e-5, atol=1e-6 * float(np.abs(W_hat).max()) + 1e-30)
+    path = tmp_path_factory.mktemp("armor") / "layer.safetensors"
+    save_armor(path, {"layer.weight": result}, {"layer.bias": np.zeros(spec.d_out, dtype=np.float32)})
+    rebuilt = load_armor(path).reconstruct("layer.weight")
+    f32 = [x.astype(np.float32).astype(np.float64) for x in (result.A, result.S, result.B)]
+    assert np.array_equal(rebuilt, reconstruct(*f32))
+    bound = reconstruct(np.abs(result.A), np.abs(result.S), np.abs(result.B))  # |A| |S| |B|, entrywise
+    assert np.all(np.abs(rebuilt - result.W_hat()) <= 4 * np.finfo(np.float32).eps * bound + 1e-300)
