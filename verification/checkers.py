@@ -120,7 +120,8 @@ class BlockGradient:
     def violations(self, rtol: float, what: str) -> list[str]:
         ratios, allowed = self.ratios(), self.allowed(rtol)
         return [
-            f"{what} (block {i}): relative gradient {ratios[i]:.3e} > allowed {allowed[i]:.1e} (κ = {self.kappa[i]:.1e})"
+            f"{what} (block {i}): relative gradient {ratios[i]:.3e} > allowed {allowed[i]:.1e} "
+            f"(κ = {self.kappa[i]:.1e})"
             for i in np.flatnonzero(~(ratios <= allowed))
         ]
 
@@ -339,12 +340,16 @@ def check_discrete_batch(
             tol = rtol * here_before + NOISE_FLOOR * zero
             if here_after > losses.min() + tol:
                 best = SUPPORTS[np.argmin(losses)].tolist()
-                out.append(f"group (r={r}, k={k}, p={pj}, g={gj}): loss {here_after!r} but support {best} "
-                           f"reaches {losses.min()!r}")
+                out.append(
+                    f"group (r={r}, k={k}, p={pj}, g={gj}): loss {here_after!r} but support {best} "
+                    f"reaches {losses.min()!r}"
+                )
             row, cols = r * b + pj, k * b + GROUP * gj + np.arange(GROUP)
             if not np.array_equal(new.M[row, cols], f.M[row, cols]) and not here_after < here_before:
-                out.append(f"group (r={r}, k={k}, p={pj}, g={gj}): support changed without a strict decrease "
-                           f"({here_before!r} -> {here_after!r})")
+                out.append(
+                    f"group (r={r}, k={k}, p={pj}, g={gj}): support changed without a strict decrease "
+                    f"({here_before!r} -> {here_after!r})"
+                )
     return out
 
 

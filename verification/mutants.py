@@ -67,8 +67,9 @@ def core_step_without_H(problem: Problem, f: Factors) -> None:
     core_values_step(forgetful, f, max_iter=20 * f.M.size, rtol=1e-15)
 
 
-def update_groups_sign_slip(f: Factors, G_tiles: np.ndarray, tables: object, ks: slice, p: np.ndarray,
-                            g: np.ndarray) -> int:
+def update_groups_sign_slip(
+    f: Factors, G_tiles: np.ndarray, tables: object, ks: slice, p: np.ndarray, g: np.ndarray
+) -> int:
     """The reference ``update_groups`` fed the residual with the wrong sign (``(Ŵ − T) H``)."""
     from armor_ref import factorization
 

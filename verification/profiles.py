@@ -1,7 +1,7 @@
 """Hypothesis profiles (registered by ``verification/conftest.py``) and per-test scaling.
 
 * ``ci`` (the default): derandomized, a few examples per property; the whole suite well under 3 minutes.
-* ``thorough``: ``THOROUGH_EXAMPLES`` (default 300) examples per property, thousands in total; no deadline.
+* ``thorough``: ``THOROUGH_EXAMPLES`` (default 1000) examples per property, thousands in total; no deadline.
 
 Select with ``HYPOTHESIS_PROFILE=thorough`` or ``pytest --hypothesis-profile=thorough``.
 """
@@ -20,8 +20,8 @@ _COMMON = dict(
 
 
 def register() -> None:
-    settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
-    settings.register_profile("thorough", max_examples=int(os.environ.get("THOROUGH_EXAMPLES", "300")), **_COMMON)
+    settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
+    settings.register_profile("thorough", max_examples=int(os.environ.get("THOROUGH_EXAMPLES", "1000")), **_COMMON)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -37,8 +37,9 @@ def test_factorize_structure_trace_and_guarantee(spec: LayerSpec, proxy: str, in
     rises, the reported losses are the true proxy losses, and ARMOR ends at or below its starting baseline."""
     layer = spec.build()
     loss = proxy_loss_of(layer, proxy)
-    result = factorize(layer.W, layer.gram, proxy, init=init, block_size=layer.block_size, sweeps=SWEEPS, tol=0.0,
-                       seed=seed)
+    result = factorize(
+        layer.W, layer.gram, proxy, init=init, block_size=layer.block_size, sweeps=SWEEPS, tol=0.0, seed=seed
+    )
     assert check_result(result, loss) == []
     S0, _ = run_baseline(result.init, layer.W, layer.gram)
     floor = NOISE_FLOOR * loss(np.zeros_like(layer.W))

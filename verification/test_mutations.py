@@ -81,11 +81,14 @@ def test_discrete_checker_catches_sign_slip(proxy: str) -> None:
     ("proxy", "name", "mutant"),
     [("nowag", "b_step", mutants.b_step_weights_left_in), ("hessian", "b_step", mutants.b_step_without_Hkk_inverse)],
 )
-def test_whole_run_checker_catches_mutant(monkeypatch: pytest.MonkeyPatch, proxy: str, name: str, mutant: Callable) -> None:
+def test_whole_run_checker_catches_mutant(
+    monkeypatch: pytest.MonkeyPatch, proxy: str, name: str, mutant: Callable
+) -> None:
     """End to end: with the wrong B-step patched into ``factorize``, the result checker (non-increasing trace,
     ARMOR ≤ baseline) reports a violation; without it, it does not."""
     layer = SPECS[0].build()
     if proxy == "nowag":
+
         def loss(W_hat: np.ndarray) -> float:
             return nowag_loss(layer.W, W_hat, layer.h)
     else:

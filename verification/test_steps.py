@@ -97,7 +97,8 @@ def test_support_costs_against_brute_force(seed: int, rank: int, a_norm2: float)
         assert np.isclose(phi, cost[sid], rtol=1e-9, atol=1e-9 * (1 + abs(cost[sid])))
         assert np.all(u[sid][[t for t in range(4) if t not in s]] == 0)
         grad = 2 * a_norm2 * Qs @ u[sid][s] - 2 * ls
-        assert np.linalg.norm(grad) <= 1e-7 * (np.linalg.norm(ls) + 2 * a_norm2 * np.linalg.norm(Qs @ u[sid][s]) + 1e-300)
+        scale = 2 * np.linalg.norm(ls) + 2 * a_norm2 * np.linalg.norm(Qs @ u[sid][s])
+        assert np.linalg.norm(grad) <= 1e-7 * scale + 1e-300
         trials = u[sid][s][None, :] + rng.standard_normal((200, 2)) * (1e-3 + np.abs(u[sid][s]).max())
         values = a_norm2 * np.einsum("ni,ij,nj->n", trials, Qs, trials) - 2 * trials @ ls
         assert np.all(values >= cost[sid] - 1e-9 * (1 + abs(cost[sid])))
