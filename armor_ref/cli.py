@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -212,7 +213,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def run_with_progress(factorize_fn: Callable, label: str, budget: int, W: np.ndarray, gram: np.ndarray, **options):
     """Run ``factorize_fn`` with a progress bar on stderr advanced once per sweep."""
-    with click.progressbar(length=budget, label=label, file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=budget, label=label, file=sys.stderr) as bar:
         result = factorize_fn(W, gram, sweeps=budget, on_sweep=lambda sweep, loss: bar.update(1), **options)
         bar.update(max(0, budget - result.sweeps))
     return result
