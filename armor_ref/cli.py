@@ -154,6 +154,22 @@ def calibrated_layers(
     return layers, grams
 
 
+def load_heldout(
+    heldout: Path | None, tensors: Mapping[str, np.ndarray], layers: Sequence[str]
+) -> dict[str, tuple[np.ndarray, int | None]]:
+    """Held-out Gram matrices for every layer to factorize ({} without --heldout)."""
+    if heldout is None:
+        return {}
+    grams = load_calibration(heldout, {name: tensors[name] for name in layers})
+    for name in layers:
+        if name not in grams:
+            raise InputError(
+                f"held-out data {heldout} has nothing for tensor {name!r}",
+                "give held-out activations for every tensor that has calibration",
+            )
+    return grams
+
+
 def check_factorizable(name: str, shape: tuple[int, ...], block_size: int) -> None:
     """Dimensions must split into groups of 4 and into blocks of ``block_size``."""
     try:
@@ -240,6 +256,12 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     ".safetensors keyed by tensor name (NAME = activations, NAME.gram = XᵀX).",
 )
 @click.option(
+    "--heldout",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Optional held-out activations, same formats as --calib, to report output error on unseen data.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -308,6 +330,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
 def factorize(
     weights: Path,
     calib: Path,
+    heldout: Path | None,
     output: Path | None,
     proxy: str,
     init: str | None,
@@ -337,11 +360,13 @@ def factorize(
     """
     output = output or sibling_path(weights, ".armor.safetensors")
     report = report or sibling_path(output, ".report.json")
-    check_output_path(output, [weights, calib])
-    check_output_path(report, [weights, calib, output])
+    inputs = [weights, calib] + ([heldout] if heldout else [])
+    check_output_path(output, inputs)
+    check_output_path(report, [*inputs, output])
     tensors, _ = read_safetensors(weights)
     notes: list[str] = []
     layers, grams = calibrated_layers(tensors, patterns, calib, notes)
+    held_grams = load_heldout(heldout, tensors, layers)
     for name in layers:
         check_factorizable(name, tensors[name].shape, block_size)
     factorize_fn = resolve_factorize(backend, device)
@@ -367,7 +392,8 @@ def factorize(
     for name in layers:
         W = tensors[name].astype(np.float64)
         gram, n_tokens = grams[name]
-        base = baseline_metrics(W, gram, proxy, damping)
+        held_gram = held_grams[name][0] if held_grams else None
+        base = baseline_metrics(W, gram, proxy, damping, held_gram)
         result = run_with_progress(
             factorize_fn,
             name,
@@ -382,20 +408,20 @@ def factorize(
             schedule=schedule,
             damping=damping,
         )
-        armor = layer_errors(W, result.W_hat(), gram, make_problem(W, gram, proxy, damping), None)
+        armor = layer_errors(W, result.W_hat(), gram, make_problem(W, gram, proxy, damping), held_gram)
         results[name] = result
         per_tensor[name] = tensor_report(W, n_tokens, base, armor, result)
         click.echo(factorize_table(name, per_tensor[name]) + "\n")
 
     passthrough = {k: v for k, v in tensors.items() if k not in results}
     metadata = {**settings, "source": weights.name, "calibration": calib.name}
+    report_paths = {"input": str(weights), "calibration": str(calib), "heldout": heldout and str(heldout)}
     save_armor(output, results, passthrough, metadata)
     total = time.perf_counter() - t_start
     write_json(
         report,
         {
-            "input": str(weights),
-            "calibration": str(calib),
+            **report_paths,
             "output": str(output),
             "settings": settings,
             "notes": notes,
@@ -424,6 +450,7 @@ def tensor_report(W: np.ndarray, n_tokens: int | None, base: dict, armor: dict, 
             "calib_error_ratio_to_sparsegpt": armor["calib_output_error"] / sparsegpt_error
             if sparsegpt_error > 0
             else 0.0,
+            **heldout_ratio(armor, base["sparsegpt"]),
             "sweeps": result.sweeps,
             "seconds": result.seconds,
             "trace": result.trace,
@@ -431,22 +458,39 @@ def tensor_report(W: np.ndarray, n_tokens: int | None, base: dict, armor: dict, 
     }
 
 
+def heldout_ratio(armor: dict, sparsegpt: dict) -> dict:
+    """``{"heldout_error_ratio_to_sparsegpt": …}`` when held-out errors were measured, else ``{}``."""
+    if "heldout_output_error" not in armor or sparsegpt["heldout_output_error"] <= 0:
+        return {}
+    return {"heldout_error_ratio_to_sparsegpt": armor["heldout_output_error"] / sparsegpt["heldout_output_error"]}
+
+
 def factorize_table(name: str, entry: dict) -> str:
     """The table `armor-ref factorize` prints for one tensor."""
     proxy, armor = entry["proxy"], entry["armor"]
-    rows = [[k, b["proxy_loss"], b["calib_output_error"], b["seconds"]] for k, b in entry["baselines"].items()]
-    rows.append([f"ARMOR ({proxy})", armor["proxy_loss"], armor["calib_output_error"], armor["seconds"]])
+    columns = ["proxy_loss", "calib_output_error", "heldout_output_error", "seconds"]
+    columns = [c for c in columns if c in armor]  # held-out error only with --heldout
+    rows = [[k, *(b[c] for c in columns)] for k, b in entry["baselines"].items()]
+    rows.append([f"ARMOR ({proxy})", *(armor[c] for c in columns)])
+    headers = {
+        "proxy_loss": f"{proxy} loss",
+        "calib_output_error": "calib out err",
+        "heldout_output_error": "held-out err",
+        "seconds": "seconds",
+    }
     tokens = entry["calibration_tokens"]
     head = (
         f"{name}  {entry['shape'][0]}x{entry['shape'][1]}  proxy={proxy}  init={entry['init']}  "
         f"calibration={'Gram matrix' if tokens is None else f'{tokens} tokens'}"
     )
-    table = format_table(["method", f"{proxy} loss", "calib out err", "seconds"], rows)
+    table = format_table(["method", *(headers[c] for c in columns)], rows)
     summary = (
         f"  ARMOR loss / {entry['init']} loss = {armor['loss_ratio_to_init']:.3f}   "
         f"ARMOR calib error / SparseGPT's = {armor['calib_error_ratio_to_sparsegpt']:.3f}   "
-        f"sweeps = {armor['sweeps']}"
     )
+    if "heldout_error_ratio_to_sparsegpt" in armor:
+        summary += f"held-out error / SparseGPT's = {armor['heldout_error_ratio_to_sparsegpt']:.3f}   "
+    summary += f"sweeps = {armor['sweeps']}"
     return f"{head}\n{table}\n{summary}"
 
 
@@ -713,3 +757,7 @@ def demo(
         f"demo finished in {time.perf_counter() - t_start:.1f} s "
         f"(sweeps: nowag {sweeps_nowag}, hessian {sweeps_hessian}; more sweeps lower the ratios)"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -94,9 +94,12 @@ def test_factorize_prints_a_table_and_writes_the_json_report(small_model):
 
 
 def test_factorize_hessian_with_explicit_output_and_report(small_model, tmp_path):
-    out, report = tmp_path / "custom.safetensors", tmp_path / "r.json"
+    out, report, held = tmp_path / "custom.safetensors", tmp_path / "r.json", tmp_path / "held.npy"
+    np.save(held, np.random.default_rng(9).standard_normal((40, 128)))
     result = run(
         "factorize",
+        "--heldout",
+        held,
         small_model.weights,
         "--calib",
         small_model.calib,
@@ -112,8 +115,14 @@ def test_factorize_hessian_with_explicit_output_and_report(small_model, tmp_path
     )
     assert result.exit_code == 0, result.output
     assert "ARMOR (hessian)" in result.stdout
-    entry = json.loads(report.read_text())["tensors"]["l1.weight"]
+    assert "held-out err" in result.stdout and "held-out error / SparseGPT's" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["heldout"] == str(held)
+    entry = data["tensors"]["l1.weight"]
     assert entry["init"] == "sparsegpt"
+    assert all("heldout_output_error" in b for b in entry["baselines"].values())
+    ratio = entry["armor"]["heldout_output_error"] / entry["baselines"]["sparsegpt"]["heldout_output_error"]
+    assert entry["armor"]["heldout_error_ratio_to_sparsegpt"] == pytest.approx(ratio)
     assert entry["armor"]["calib_error_ratio_to_sparsegpt"] < 1  # hessian ARMOR beats its SparseGPT start
     armor = load_armor(out)
     assert armor.proxy == "hessian" and armor.names == ["l1.weight"]
@@ -260,6 +269,11 @@ def _garbage_npy(m: SmallModel) -> list:
     return []
 
 
+def _bad_heldout(m: SmallModel) -> list:
+    np.savez(m.dir / "held.npz", **{"l1.weight": m.X})  # nothing for l2.weight
+    return ["--heldout", m.dir / "held.npz"]
+
+
 BAD_FACTORIZE = {
     "missing weights": (lambda m: m.weights.unlink() or [], [], "file not found"),
     "missing calibration": (lambda m: m.calib.unlink() or [], [], "calibration file not found"),
@@ -281,6 +295,7 @@ BAD_FACTORIZE = {
         "no key naming",
     ),
     "bad backend device": (lambda m: [], ["--device", "cuda"], "CPU only"),
+    "held-out width mismatch": (_bad_heldout, [], "nothing for tensor"),
 }
 
 
