@@ -21,6 +21,7 @@ import numpy as np
 from backends import BACKENDS, BackendUnavailable, get_factorize
 
 from .baselines import BASELINES, run_baseline
+from .cli_model import register_model_commands
 from .errors import InputError
 from .factorization import DEFAULT_BLOCK_SIZE, DEFAULT_INIT, DEFAULT_SWEEPS, DEFAULT_TOL, SCHEDULES, check_shapes
 from .io import (
@@ -70,6 +71,10 @@ def cli() -> None:
         armor-ref factorize model.safetensors --calib acts.npy
         armor-ref inspect model.armor.safetensors
     """
+
+
+# the whole-model commands `armor-ref compress` and `armor-ref eval` (armor_ref/cli_model.py)
+register_model_commands(cli)
 
 
 def main() -> None:
