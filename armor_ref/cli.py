@@ -295,7 +295,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
 )
 @click.option(
     "--sweeps",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help="Sweep budget [default: 30 nowag, 20 hessian]; iterations for --schedule adam.",
 )
@@ -658,14 +658,14 @@ def reconstruct(file: Path, output: Path | None) -> None:
 )
 @click.option(
     "--sweeps-nowag",
-    type=int,
+    type=click.IntRange(min=0),
     default=DEMO_SWEEPS["nowag"],
     show_default=True,
     help="Sweeps of ARMOR with the nowag proxy (the full default is 30).",
 )
 @click.option(
     "--sweeps-hessian",
-    type=int,
+    type=click.IntRange(min=0),
     default=DEMO_SWEEPS["hessian"],
     show_default=True,
     help="Sweeps of ARMOR with the hessian objective (the full default is 20).",

@@ -141,9 +141,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
-) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     """Write ``tensors`` to a safetensors file, atomically: a temporary file in the same directory is written
     first and renamed over ``path`` only once complete, so a failure never leaves a partial file behind.
     Arrays are made C-contiguous first (a transposed view must be written in its logical order)."""
@@ -158,17 +156,22 @@ def write_json(path: str | os.PathLike, data: object) -> None:
     _write_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path: Path, write) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise InputError(
-            f"output directory {directory} does not exist", "create it or choose another -o path"
-        )
+        raise InputError(f"output directory {directory} does not exist", "create it or choose another -o path")
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes the file private (0600); use the usual mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -261,8 +264,7 @@ def load_calibration(
         if not matching:
             widths = sorted({int(w.shape[1]) for w in weights.values() if w.ndim == 2})
             raise InputError(
-                f"calibration {path} has dimension {d_in} but no 2-D tensor has that input dimension "
-                f"(found {widths})",
+                f"calibration {path} has dimension {d_in} but no 2-D tensor has that input dimension (found {widths})",
                 "give activations of the layer's input, shape (N, d_in)",
             )
         H = gram_from_activations(X, str(path))
@@ -279,9 +281,7 @@ def load_calibration(
             continue
         source = f"{path}[{key}]"
         if name in result:
-            raise InputError(
-                f"calibration {path} has both {name!r} and {name + GRAM_SUFFIX!r}", "keep only one"
-            )
+            raise InputError(f"calibration {path} has both {name!r} and {name + GRAM_SUFFIX!r}", "keep only one")
         _check_numeric(array, source)
         if key.endswith(GRAM_SUFFIX):
             if array.ndim != 2 or array.shape[0] != array.shape[1]:
@@ -292,9 +292,7 @@ def load_calibration(
             _check_input_dim(name, weights[name], array.shape[0], source)
             H = np.asarray(array, dtype=np.float64)
             if not np.all(np.isfinite(H)):
-                raise InputError(
-                    f"calibration {source} contains NaN or Inf values", "recompute the Gram matrix"
-                )
+                raise InputError(f"calibration {source} contains NaN or Inf values", "recompute the Gram matrix")
             if not np.allclose(H, H.T, rtol=1e-5, atol=1e-8 * float(np.max(np.abs(H), initial=0.0))):
                 raise InputError(f"calibration {source} is not symmetric", "store XᵀX of shape (d_in, d_in)")
             result[name] = ((H + H.T) / 2, None)
@@ -408,9 +406,7 @@ class ArmorLayer:
         from .factorization import reconstruct
 
         S, _ = self.core()
-        return reconstruct(self.A.astype(np.float64), S.astype(np.float64), self.B.astype(np.float64)).astype(
-            dtype
-        )
+        return reconstruct(self.A.astype(np.float64), S.astype(np.float64), self.B.astype(np.float64)).astype(dtype)
 
     def forward(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """``y = A (S (B x)) (+ bias)`` for inputs ``x`` (..., d_in), like ``torch.nn.Linear``; float64.
@@ -425,13 +421,9 @@ class ArmorLayer:
         rows = x.reshape(-1, d_in)  # (n, d_in)
         n, b = rows.shape[0], self.block_size
         K, R = d_in // b, d_out // b
-        z = np.einsum("kij,nkj->nki", self.B.astype(np.float64), rows.reshape(n, K, b)).reshape(
-            n, d_in
-        )  # B x
+        z = np.einsum("kij,nkj->nki", self.B.astype(np.float64), rows.reshape(n, K, b)).reshape(n, d_in)  # B x
         u = np.asarray((self.sparse_core() @ z.T).T)  # S (B x)   (n, d_out)
-        y = np.einsum("rij,nrj->nri", self.A.astype(np.float64), u.reshape(n, R, b)).reshape(
-            n, d_out
-        )  # A(S(Bx))
+        y = np.einsum("rij,nrj->nri", self.A.astype(np.float64), u.reshape(n, R, b)).reshape(n, d_out)  # A(S(Bx))
         if bias is not None:
             y = y + np.asarray(bias, dtype=np.float64)
         return y.reshape(*lead, d_out)
@@ -527,7 +519,5 @@ def load_armor(path: str | os.PathLike) -> ArmorFile:
             raise _bad_armor(path, f"{name}: {err}") from None
         assert has_two_per_group(mask)
         layers[name] = layer
-    passthrough = {
-        key: array for key, array in tensors.items() if not any(key.endswith(s) for s in ARMOR_SUFFIXES)
-    }
+    passthrough = {key: array for key, array in tensors.items() if not any(key.endswith(s) for s in ARMOR_SUFFIXES)}
     return ArmorFile(path, metadata, layers, passthrough)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def test_written_arrays_keep_their_logical_order_when_given_a_transposed_view(tm
     assert np.array_equal(aio.read_safetensors(path)[0]["t"], view)
     assert np.array_equal(load_file(str(path))["t"], view)
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the private mode of a temporary file
 
 
 @pytest.mark.parametrize(
