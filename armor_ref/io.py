@@ -241,6 +241,11 @@ def _read_keyed(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _short_list(names: Mapping[str, object] | list[str], limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
 def load_calibration(
     path: str | os.PathLike, weights: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, int | None]]:
@@ -306,7 +311,7 @@ def load_calibration(
             result[name] = (gram_from_activations(array, source), int(array.shape[0]))
     if not result:
         raise InputError(
-            f"calibration {path} has no key naming a tensor of the weights file",
+            f"calibration {path} has no key naming any of the tensors {_short_list(weights)}",
             "key activations by tensor name (NAME or NAME.gram)",
         )
     return result

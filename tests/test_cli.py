@@ -269,6 +269,11 @@ def _garbage_npy(m: SmallModel) -> list:
     return []
 
 
+def _calib_for_l2_only(m: SmallModel) -> list:
+    np.savez(m.dir / "c.npz", **{"l2.weight": m.X})
+    return ["--calib", m.dir / "c.npz"]
+
+
 def _bad_heldout(m: SmallModel) -> list:
     np.savez(m.dir / "held.npz", **{"l1.weight": m.X})  # nothing for l2.weight
     return ["--heldout", m.dir / "held.npz"]
@@ -296,6 +301,11 @@ BAD_FACTORIZE = {
     ),
     "bad backend device": (lambda m: [], ["--device", "cuda"], "CPU only"),
     "held-out width mismatch": (_bad_heldout, [], "nothing for tensor"),
+    "selected tensor without calibration": (
+        _calib_for_l2_only,
+        ["--tensors", "l1.weight"],
+        "no key naming any of the tensors l1.weight;",
+    ),
 }
 
 

@@ -159,7 +159,7 @@ def test_npz_and_safetensors_calibration_by_name_with_activations_or_gram(small_
         (lambda d: np.savez(d / "c.npz", **{"l1.weight": np.ones((5, 64))}), "has dimension 64"),
         (lambda d: np.savez(d / "c.npz", **{"l1.weight.gram": np.ones((128, 127))}), "not a square"),
         (lambda d: np.savez(d / "c.npz", **{"l1.weight.gram": np.triu(np.ones((128, 128)))}), "not symmetric"),
-        (lambda d: np.savez(d / "c.npz", other=np.ones((5, 128))), "no key naming a tensor"),
+        (lambda d: np.savez(d / "c.npz", other=np.ones((5, 128))), "no key naming any of the tensors l1.bias"),
         (lambda d: (d / "c.txt").write_text("1 2 3"), "unknown format"),
     ],
 )
