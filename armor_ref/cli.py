@@ -40,7 +40,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
 DEMO_CALIB = DATA_DIR / "minilm_calib.npy"
 DEMO_HELDOUT = DATA_DIR / "minilm_heldout.npy"
-DEMO_SWEEPS = {"nowag": 5, "hessian": 3}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
+DEMO_SWEEPS = {"nowag": 10, "hessian": 6}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
 
 
 class ArmorGroup(click.Group):
