@@ -110,6 +110,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         if not isinstance(header, dict):
             raise not_safetensors
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise not_safetensors
         data_start = 8 + header_len
         tensors: dict[str, np.ndarray] = {}
         for name, info in header.items():

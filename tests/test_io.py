@@ -92,6 +92,8 @@ def test_written_arrays_keep_their_logical_order_when_given_a_transposed_view(tm
         (b"", "not a safetensors file"),
         (b"hello, this is plain text and not a tensor file", "not a safetensors file"),
         (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "not a safetensors file"),
+        (b"\x15\x00\x00\x00\x00\x00\x00\x00" + b'{"__metadata__": [1]}', "not a safetensors file"),
+        (b"\x0b\x00\x00\x00\x00\x00\x00\x00" + b'{"t": "x"} ', "malformed header entry"),
     ],
 )
 def test_garbage_is_not_safetensors(tmp_path: Path, content: bytes, message: str):
