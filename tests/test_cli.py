@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, SmallModel, make_small_model
+from conftest import FAST, SmallModel, make_small_model, write_raw_safetensors
 from safetensors.numpy import load_file, save_file
 
 from armor_ref.cli import cli
@@ -150,6 +150,23 @@ def test_factorize_with_npz_gram_calibration(small_model):
     assert "calibration=Gram matrix" in result.stdout
     assert "skipped l1.weight" in result.stderr
     assert load_armor(small_model.dir / "model.armor.safetensors").names == ["l2.weight"]
+
+
+def test_factorize_reads_bfloat16_and_float16_weights(small_model):
+    W = small_model.tensors["l1.weight"]
+    bf16_bits = (W.view(np.uint32) >> 16).astype("<u2")  # truncated to bfloat16
+    bias16 = small_model.tensors["l1.bias"].astype("<f2")
+    write_raw_safetensors(
+        small_model.weights,
+        {"l1.weight": ("BF16", [64, 128], bf16_bits.tobytes()), "l1.bias": ("F16", [64], bias16.tobytes())},
+    )
+    result = run("factorize", small_model.weights, "--calib", small_model.calib, *FAST)
+    assert result.exit_code == 0, result.output
+    armor = load_armor(small_model.dir / "model.armor.safetensors")
+    W_bf16 = (bf16_bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    expected = factorize(W_bf16, gram_matrix(small_model.X), block_size=16, sweeps=2).W_hat()
+    np.testing.assert_allclose(armor.reconstruct("l1.weight"), expected, atol=1e-5 * np.abs(expected).max())
+    assert armor.passthrough["l1.bias"].dtype == np.float16
 
 
 # ----------------------------------------------------------------------------------------------------------
