@@ -241,10 +241,12 @@ def run_with_progress(factorize_fn: Callable, label: str, budget: int, W: np.nda
 
 
 def resolve_factorize(backend: str, device: str) -> Callable:
+    """The backend's ``factorize``; an unavailable backend or device is an input error (its own advice kept)."""
     try:
         return get_factorize(backend, device)
     except BackendUnavailable as err:
-        raise InputError(str(err).split(";")[0], "try --backend numpy --device cpu") from None
+        problem, _, fix = str(err).partition("; ")
+        raise InputError(problem, fix or "choose an available backend, e.g. --backend numpy --device cpu") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
