@@ -133,8 +133,12 @@ def compress_linear(
         proxy = settings.method.removeprefix("armor-")
         res = factorize(W, gram, proxy=proxy, block_size=b, sweeps=settings.sweeps, seed=settings.seed)
         out = LinearResult(np.asarray(res.A), np.asarray(res.B), np.asarray(res.S), np.asarray(res.M), proxy)
-        report = {"init": res.init, "baseline_loss": float(res.baseline_loss), "loss": float(res.loss),
-                  "sweeps": int(res.sweeps)}
+        report = {
+            "init": res.init,
+            "baseline_loss": float(res.baseline_loss),
+            "loss": float(res.loss),
+            "sweeps": int(res.sweeps),
+        }
     else:
         S, M = run_baseline(settings.method, W, gram)
         d_out, d_in = W.shape
@@ -171,9 +175,7 @@ def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, s
     ids = np.asarray(ids, dtype=np.int64)
     windows = np.stack([ids[s : s + body] for s in starts])
     if wrap:
-        windows = np.concatenate(
-            [np.full((nsamples, 1), cls_id), windows, np.full((nsamples, 1), sep_id)], axis=1
-        )
+        windows = np.concatenate([np.full((nsamples, 1), cls_id), windows, np.full((nsamples, 1), sep_id)], axis=1)
     return windows
 
 
@@ -244,15 +246,51 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
 # ----------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """A safetensors file as bytes, deterministic: tensors in name order and a header with sorted keys (the
+    ``safetensors`` writer orders its metadata by hash, so identical content could give different bytes, which
+    ``--resume``'s bitwise guarantee cannot accept)."""
+    torch = require_torch()
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        t = t.detach().cpu().contiguous() if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[str(t.dtype)],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
 def atomic_save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file and ``os.replace`` (never a half-written shard)."""
-    from safetensors.torch import save_file
-
-    torch = require_torch()
-    tensors = {k: v.contiguous() if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
-               for k, v in tensors.items()}
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "wb") as fh:
+        fh.write(safetensors_bytes(tensors, metadata))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -361,12 +399,20 @@ def share_result(result: LinearResult | None, owner: int, world: int) -> LinearR
 def _progress(total: int, desc: str, position: int, disable: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, position=position, leave=position == 0, file=sys.stderr,
-                disable=disable, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        position=position,
+        leave=position == 0,
+        file=sys.stderr,
+        disable=disable,
+        dynamic_ncols=True,
+    )
 
 
-def validate_inputs(model_dir: str, out_dir: str, calib_text: str, settings: CompressSettings,
-                    resume: bool) -> tuple[dict, Layout]:
+def validate_inputs(
+    model_dir: str, out_dir: str, calib_text: str, settings: CompressSettings, resume: bool
+) -> tuple[dict, Layout]:
     """Check everything that can be checked before any output is written; raise one-line errors."""
     config = read_config(model_dir)
     layout = layout_of(config)
@@ -419,8 +465,11 @@ def compress_model(
 
     with open(calib_text, encoding="utf-8", errors="replace") as fh:
         text = fh.read()
-    identity = {**settings.identity(), "calib_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "model_dir": os.path.abspath(model_dir)}
+    identity = {
+        **settings.identity(),
+        "calib_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "model_dir": os.path.abspath(model_dir),
+    }
     progress_dir = os.path.join(out_dir, PROGRESS_DIR)
     state_path = os.path.join(progress_dir, STATE_FILE)
     state: dict[str, Any] = {"settings": identity, "finished_blocks": 0, "layers": [], "blocks": []}
@@ -491,12 +540,14 @@ def compress_model(
 
         layer_reports = []
         for rel, result in results.items():
-            layer_reports.append({"block": i, "name": f"{block_prefix}.{rel}", "shape": list(result.S.shape),
-                                  **result.report})
+            layer_reports.append(
+                {"block": i, "name": f"{block_prefix}.{rel}", "shape": list(result.S.shape), **result.report}
+            )
         if writer:
             shard = _block_tensors(model, block, names, locations, layout, results, block_prefix)
-            atomic_save_safetensors(shard, os.path.join(out_dir, block_shard_name(i)),
-                                    shard_metadata(settings, _proxy_of(settings)))
+            atomic_save_safetensors(
+                shard, os.path.join(out_dir, block_shard_name(i)), shard_metadata(settings, _proxy_of(settings))
+            )
             if i + 1 < len(blocks):
                 atomic_torch_save([h for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
             state["finished_blocks"] = i + 1
@@ -549,8 +600,9 @@ def _get(block: Any, rel: str) -> Any:
     return module
 
 
-def _names_in_block(model: Any, block: Any, names: dict[int, str], locations: dict[str, str],
-                    layout: Layout) -> set[str]:
+def _names_in_block(
+    model: Any, block: Any, names: dict[int, str], locations: dict[str, str], layout: Layout
+) -> set[str]:
     """Checkpoint tensor names that belong to ``block`` (parameters and persistent buffers)."""
     prefix = names[id(block)]
     out = set()
@@ -561,8 +613,15 @@ def _names_in_block(model: Any, block: Any, names: dict[int, str], locations: di
     return out
 
 
-def _block_tensors(model: Any, block: Any, names: dict[int, str], locations: dict[str, str], layout: Layout,
-                   results: dict[str, LinearResult], prefix: str) -> dict[str, Any]:
+def _block_tensors(
+    model: Any,
+    block: Any,
+    names: dict[int, str],
+    locations: dict[str, str],
+    layout: Layout,
+    results: dict[str, LinearResult],
+    prefix: str,
+) -> dict[str, Any]:
     """The tensors of one block's shard: spec §6 tensors for each compressed linear (under the checkpoint's own
     name stem), everything else copied from the checkpoint."""
     tensors: dict[str, Any] = {}
@@ -590,8 +649,10 @@ def _write_index(out_dir: str, n_blocks: int, settings: CompressSettings) -> Non
         with safe_open(path, framework="pt") as fh:
             for name in fh.keys():
                 weight_map[name] = shard
-    index = {"metadata": {**shard_metadata(settings, _proxy_of(settings)), "total_size": total},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {**shard_metadata(settings, _proxy_of(settings)), "total_size": total},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     atomic_write_json(index, os.path.join(out_dir, WEIGHTS_INDEX))
 
 

@@ -189,8 +189,12 @@ def require_torch() -> Any:
 
 
 def _offline() -> None:
+    """Never download; keep transformers' own progress bars off our stderr."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 
 def model_class(layout: Layout) -> Any:
@@ -320,8 +324,10 @@ def armor_linear_class() -> Any:
             return torch.einsum("rij,rjn->rin", self.A, SB.reshape(R, b, -1)).reshape(R * b, -1)
 
         def extra_repr(self) -> str:
-            return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                    f"block_size={self.A.shape[1]}, bias={self.bias is not None}")
+            return (
+                f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.A.shape[1]}, bias={self.bias is not None}"
+            )
 
     _ARMOR_LINEAR_CLASS = ArmorLinear
     return ArmorLinear
@@ -385,8 +391,13 @@ def load_model(model_dir: str) -> tuple[Any, Layout]:
             continue
         stem = ck.removesuffix(".weight")
         bias_name = checkpoint_name(f"{qualified}.bias", locations) if module.bias is not None else None
-        new = make_armor_linear(tensor(f"{stem}.armor.A"), tensor(f"{stem}.armor.B"), tensor(f"{stem}.armor.values"),
-                                tensor(f"{stem}.armor.index"), tensor(bias_name) if bias_name else None)
+        new = make_armor_linear(
+            tensor(f"{stem}.armor.A"),
+            tensor(f"{stem}.armor.B"),
+            tensor(f"{stem}.armor.values"),
+            tensor(f"{stem}.armor.index"),
+            tensor(bias_name) if bias_name else None,
+        )
         parent_name, _, child = qualified.rpartition(".")
         setattr(get_submodule(model, parent_name) if parent_name else model, child, new)
         replaced.add(stem)
@@ -401,8 +412,9 @@ def load_model(model_dir: str) -> tuple[Any, Layout]:
         if ck is not None and ".armor." not in ck:
             state[name] = tensor(ck).to(param.dtype)
     missing, _ = model.load_state_dict(state, strict=False), None
-    unloaded = [n for n in missing.missing_keys
-                if not n.endswith((".A", ".B", ".S")) and not n.endswith("position_ids")]
+    unloaded = [
+        n for n in missing.missing_keys if not n.endswith((".A", ".B", ".S")) and not n.endswith("position_ids")
+    ]
     if unloaded and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
         unloaded = [n for n in unloaded if not n.startswith("lm_head")]

@@ -56,27 +56,41 @@ def save_word_tokenizer(out_dir: str) -> None:
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
     )
     fast.save_pretrained(out_dir)
 
 
-def make_tiny_model(kind: str, out_dir: str, layers: int = 2, hidden: int = 64, seed: int = 0,
-                    shards: bool = False) -> str:
+def make_tiny_model(
+    kind: str, out_dir: str, layers: int = 2, hidden: int = 64, seed: int = 0, shards: bool = False
+) -> str:
     """Save a random tiny ``bert`` or ``llama`` checkpoint with its tokenizer to ``out_dir``; return it."""
     torch.manual_seed(seed)
     vocab = 128  # > the word-level tokenizer's vocabulary
     if kind == "bert":
         config = transformers.BertConfig(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-            intermediate_size=2 * hidden, max_position_embeddings=128,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=128,
         )
         model = transformers.BertModel(config)
     elif kind == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=128,
             tie_word_embeddings=False,
         )
         model = transformers.LlamaForCausalLM(config)

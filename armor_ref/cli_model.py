@@ -1,0 +1,162 @@
+"""Click commands for whole models: ``compress`` and ``eval``.
+
+They are registered into the main ``armor-ref`` group (:mod:`armor_ref.cli`); this module also runs on its own,
+which is how ``torchrun`` starts several processes::
+
+    torchrun --nproc_per_node 2 -m armor_ref.cli_model compress MODEL_DIR -o OUT --method armor-hessian ...
+
+torch and transformers are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .compress import METHODS, CompressionError, CompressSettings
+from .models import ModelError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _init_distributed(device: str) -> None:
+    """Join the ``torchrun`` process group when one is announced in the environment (gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+
+
+@click.command("compress")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output directory (spec §6 shards, config, tokenizer, armor_report.json).",
+)
+@click.option("--method", type=click.Choice(METHODS), default="armor-hessian", show_default=True)
+@click.option("--calib-text", required=True, type=click.Path(dir_okay=False), help="Calibration text file.")
+@click.option("--nsamples", default=64, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--backend", default="numpy", show_default=True, help="Factorization backend (backends/).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--block-size", default=32, show_default=True, help="ARMOR block size b.")
+@click.option("--sweeps", type=int, default=None, help="BCD sweeps per layer [default: 30 nowag / 20 hessian].")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward pass.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT_DIR from its last finished block.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress(
+    model_dir: str,
+    out_dir: str,
+    method: str,
+    calib_text: str,
+    nsamples: int,
+    seqlen: int,
+    backend: str,
+    device: str,
+    block_size: int,
+    sweeps: int | None,
+    seed: int,
+    batch_size: int,
+    resume: bool,
+    quiet: bool,
+) -> None:
+    """Compress every transformer-block linear of MODEL_DIR (a Hugging Face directory) block by block."""
+    from .compress import compress_model
+
+    settings = CompressSettings(
+        method=method,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        block_size=block_size,
+        sweeps=sweeps,
+        seed=seed,
+        backend=backend,
+        device=device,
+        batch_size=batch_size,
+    )
+    try:
+        _init_distributed(device)
+        report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
+    except (ModelError, CompressionError) as exc:
+        _fail(str(exc))
+        return
+    if report:
+        errors = [layer["relative_output_error"] for layer in report["layers"]]
+        click.echo(
+            f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s; "
+            f"relative output error mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; "
+            f"written to {out_dir}"
+        )
+
+
+@click.command("eval")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="Evaluation text.")
+@click.option(
+    "--reference",
+    "reference_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Dense model directory to compare with.",
+)
+@click.option("--max-length", default=256, show_default=True, help="Perplexity window (causal LMs).")
+@click.option("--stride", default=128, show_default=True, help="Perplexity window stride (causal LMs).")
+@click.option("--max-passages", default=256, show_default=True, help="Passages evaluated (encoders).")
+@click.option("--max-tokens", type=int, default=None, help="Cap on the evaluated tokens (causal LMs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(
+    model_dir: str,
+    text_file: str,
+    reference_dir: str | None,
+    max_length: int,
+    stride: int,
+    max_passages: int,
+    max_tokens: int | None,
+    as_json: bool,
+) -> None:
+    """Evaluate MODEL_DIR (dense or compressed): perplexity (causal LMs) or embedding cosine to the reference
+    and half-passage retrieval accuracy (encoders)."""
+    from .evaluate import EvaluationError, evaluate_model
+
+    try:
+        result = evaluate_model(model_dir, text_file, reference_dir, max_length, stride, max_passages, max_tokens)
+    except (ModelError, EvaluationError) as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for key in sorted(result):
+        value = result[key]
+        click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def register_model_commands(group: click.Group) -> click.Group:
+    """Add ``compress`` and ``eval`` to a click group."""
+    group.add_command(compress)
+    group.add_command(evaluate, name="eval")
+    return group
+
+
+@click.group()
+def model_cli() -> None:
+    """Whole-model commands (also available as ``armor-ref compress`` / ``armor-ref eval``)."""
+
+
+register_model_commands(model_cli)
+
+if __name__ == "__main__":
+    model_cli()

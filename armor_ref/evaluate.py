@@ -1,0 +1,204 @@
+"""Evaluation of (compressed) checkpoints on a local text file.
+
+* Causal LMs: perplexity with sliding windows (each token scored once, with up to ``max_length − stride`` tokens
+  of left context from the previous window, as in the Hugging Face perplexity recipe).
+* Encoders: sentence embeddings by mean pooling over the attention mask (what sentence-transformers does for
+  all-MiniLM-L6-v2). Passages are the text's paragraphs; reported are the mean cosine similarity of each passage's
+  embedding to the reference (dense) model's, and the accuracy of retrieving each passage's second half from its
+  first half among all second halves (cosine nearest neighbour).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from .models import ModelError, load_model, load_tokenizer, read_config, require_torch
+
+
+class EvaluationError(ValueError):
+    """Bad input to the evaluation (one-line message for the CLI)."""
+
+
+def read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise EvaluationError(f"text file {path!r} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def split_passages(text: str, min_words: int = 32, max_words: int = 96, max_passages: int = 256) -> list[str]:
+    """Paragraphs (blank-line separated) with at least ``min_words`` words, whitespace collapsed, cut to
+    ``max_words`` words, duplicates dropped, at most ``max_passages`` (the first ones, in text order)."""
+    passages: list[str] = []
+    seen: set[str] = set()
+    for paragraph in re.split(r"\n\s*\n", text):
+        words = paragraph.split()
+        if len(words) < min_words:
+            continue
+        passage = " ".join(words[:max_words])
+        if passage in seen:
+            continue
+        seen.add(passage)
+        passages.append(passage)
+        if len(passages) >= max_passages:
+            break
+    return passages
+
+
+def halves(passage: str) -> tuple[str, str]:
+    """A passage's first and second half, by words."""
+    words = passage.split()
+    mid = len(words) // 2
+    return " ".join(words[:mid]), " ".join(words[mid:])
+
+
+def sentence_embeddings(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 256
+) -> np.ndarray:
+    """Mean-pooled last hidden states (n, hidden), float64."""
+    torch = require_torch()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_accuracy(first: np.ndarray, second: np.ndarray) -> float:
+    """Fraction of rows ``i`` of ``first`` whose cosine-nearest row of ``second`` is row ``i``."""
+    similarity = _unit_rows(first) @ _unit_rows(second).T
+    return float(np.mean(np.argmax(similarity, axis=1) == np.arange(len(first))))
+
+
+def mean_cosine(X: np.ndarray, Y: np.ndarray) -> float:
+    """Mean over rows of the cosine similarity of ``X[i]`` and ``Y[i]``."""
+    return float(np.mean(np.sum(_unit_rows(X) * _unit_rows(Y), axis=1)))
+
+
+def passage_embeddings(model: Any, tokenizer: Any, passages: list[str]) -> dict[str, np.ndarray]:
+    """Embeddings of the whole passages and of their first and second halves."""
+    firsts, seconds = zip(*(halves(p) for p in passages), strict=True)
+    return {
+        "full": sentence_embeddings(model, tokenizer, passages),
+        "first": sentence_embeddings(model, tokenizer, list(firsts)),
+        "second": sentence_embeddings(model, tokenizer, list(seconds)),
+    }
+
+
+def encoder_metrics(model: Any, tokenizer: Any, passages: list[str], reference: Any | None = None) -> dict:
+    """Embedding cosine to the reference and half-passage retrieval accuracy. ``reference`` is a model or the
+    :func:`passage_embeddings` of one (to reuse across evaluations), or ``None``."""
+    if len(passages) < 2:
+        raise EvaluationError("the text has fewer than 2 passages of enough words; give a longer text")
+    emb = passage_embeddings(model, tokenizer, passages)
+    result: dict[str, Any] = {
+        "passages": len(passages),
+        "retrieval_accuracy": retrieval_accuracy(emb["first"], emb["second"]),
+    }
+    if reference is not None:
+        ref = reference if isinstance(reference, dict) else passage_embeddings(reference, tokenizer, passages)
+        result["cosine_to_reference"] = mean_cosine(emb["full"], ref["full"])
+        result["reference_retrieval_accuracy"] = retrieval_accuracy(ref["first"], ref["second"])
+    return result
+
+
+def perplexity(
+    model: Any, tokenizer: Any, text: str, max_length: int = 256, stride: int = 128, max_tokens: int | None = None
+) -> dict:
+    """Sliding-window perplexity: windows of ``max_length`` tokens moved by ``stride``; each window scores only
+    the tokens no earlier window scored. Returns ``{"perplexity", "tokens", "nll"}``."""
+    torch = require_torch()
+    if not 0 < stride <= max_length:
+        raise EvaluationError("need 0 < stride <= max_length")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise EvaluationError("the text has fewer than 2 tokens")
+    nll_sum, counted, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + max_length, len(ids))
+            target_len = end - prev_end  # tokens not scored yet
+            window = ids[begin:end].unsqueeze(0)
+            logits = model(input_ids=window).logits[0].double()
+            targets = window[0, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
+            scored = losses[-target_len:] if begin > 0 else losses  # the first token has no context
+            nll_sum += float(scored.sum())
+            counted += scored.numel()
+            prev_end = end
+            if end == len(ids):
+                break
+    nll = nll_sum / counted
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": counted}
+
+
+def evaluate_model(
+    model_dir: str,
+    text_file: str,
+    reference_dir: str | None = None,
+    max_length: int = 256,
+    stride: int = 128,
+    max_passages: int = 256,
+    max_tokens: int | None = None,
+    reference_cache: dict | None = None,
+) -> dict:
+    """Evaluate a dense or compressed directory; the reference (dense) directory is optional.
+
+    ``reference_cache``: a dict kept by the caller across calls; the reference model's passage embeddings are
+    stored there and reused (encoders), so evaluating several compressed models runs the reference once."""
+    config = read_config(model_dir)
+    text = read_text(text_file)
+    if reference_dir is not None:
+        ref_config = read_config(reference_dir)
+        if ref_config.get("model_type") != config.get("model_type"):
+            raise EvaluationError("the reference model has a different architecture")
+    model, layout = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    cache_key = (os.path.abspath(reference_dir), text_file, max_passages) if reference_dir is not None else None
+    reference: Any = None
+    if reference_cache is not None and cache_key in reference_cache:
+        reference = reference_cache[cache_key]
+    elif reference_dir is not None:
+        reference = load_model(reference_dir)[0]
+    result: dict[str, Any] = {
+        "model_dir": os.path.abspath(model_dir),
+        "kind": layout.kind,
+        "text": os.path.abspath(text_file),
+    }
+    if layout.kind == "encoder":
+        passages = split_passages(text, max_passages=max_passages)
+        if reference is not None and not isinstance(reference, dict):
+            reference = passage_embeddings(reference, tokenizer, passages)
+            if reference_cache is not None:
+                reference_cache[cache_key] = reference
+        result.update(encoder_metrics(model, tokenizer, passages, reference))
+    else:
+        result.update(perplexity(model, tokenizer, text, max_length, stride, max_tokens))
+        if reference is not None:
+            result["reference_perplexity"] = perplexity(reference, tokenizer, text, max_length, stride, max_tokens)[
+                "perplexity"
+            ]
+    return result
+
+
+__all__ = ["EvaluationError", "ModelError", "evaluate_model", "perplexity", "encoder_metrics", "split_passages"]

