@@ -40,7 +40,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
 DEMO_CALIB = DATA_DIR / "minilm_calib.npy"
 DEMO_HELDOUT = DATA_DIR / "minilm_heldout.npy"
-DEMO_SWEEPS = {"nowag": 10, "hessian": 6}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
+DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
 
 
 class ArmorGroup(click.Group):
@@ -696,7 +696,8 @@ def demo(
     held-out tokens from standard-library docstrings. For each weight it prints the nowag loss and the
     relative output error on calibration and held-out tokens of magnitude, Wanda, NoWag-P, SparseGPT,
     ARMOR (nowag proxy, from NoWag-P) and ARMOR (hessian objective, from SparseGPT). The sweep budgets are
-    kept small so that it runs in about a minute on 2 CPU cores.
+    kept small (about 18 s of single-core CPU time) so that it runs well within a minute on 2 CPU cores; on a
+    busy machine, OPENBLAS_NUM_THREADS=1 avoids BLAS threads competing for the cores.
 
     \b
     Examples:
