@@ -242,6 +242,7 @@ class GroupTables:
     blocks ``Q_ss`` and their pseudo-inverses (nk, b/4, 6, 2, 2); plus the support index tables."""
 
     BH: torch.Tensor
+    BHBt: torch.Tensor  # B_k H_kk B_kᵀ (nk, b, b); its rows g are B_g H_kk B_kᵀ
     Q: torch.Tensor
     Q_ss: torch.Tensor
     Q_ss_pinv: torch.Tensor
@@ -250,8 +251,8 @@ class GroupTables:
     support_masks: torch.Tensor  # (6, 4)
 
     def select(self, ks: slice) -> GroupTables:
-        return GroupTables(self.BH[ks], self.Q[ks], self.Q_ss[ks], self.Q_ss_pinv[ks], self.supports_flat,
-                           self.support_of_pattern, self.support_masks)
+        return GroupTables(self.BH[ks], self.BHBt[ks], self.Q[ks], self.Q_ss[ks], self.Q_ss_pinv[ks],
+                           self.supports_flat, self.support_of_pattern, self.support_masks)
 
 
 def group_tables(B_ks: torch.Tensor, H_kk: torch.Tensor) -> GroupTables:
@@ -264,7 +265,7 @@ def group_tables(B_ks: torch.Tensor, H_kk: torch.Tensor) -> GroupTables:
     Q = full[:, rows[:, :, None], rows[:, None, :]]  # (nk, b/4, 4, 4)
     sup = SUPPORTS.to(B_ks.device)
     Q_ss = Q[..., sup[:, :, None], sup[:, None, :]]  # (nk, b/4, 6, 2, 2)
-    return GroupTables(BH, Q, Q_ss, psd_pinv(Q_ss), *_support_tables(B_ks.device))
+    return GroupTables(BH, full, Q, Q_ss, psd_pinv(Q_ss), *_support_tables(B_ks.device))
 
 
 def support_costs(
@@ -272,11 +273,12 @@ def support_costs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each group and each of the 6 supports: ``u_s = Q_ss⁻¹ ℓ_s / ‖a‖²`` (..., 6, 2) and
     ``cost_s = φ(u_s) = ‖a‖² u_sᵀ Q_ss u_s − 2 u_sᵀ ℓ_s`` (..., 6), evaluated as the reference does.
-    (Unlike the reference, ``u`` is returned on the support only, (..., 6, 2), not scattered to (..., 6, 4).)"""
+    (Unlike the reference, ``u`` is returned on the support only, (..., 6, 2), not scattered to (..., 6, 4).)
+    The 2×2 products are written out elementwise: cheaper than batched matmuls on tiny matrices."""
     ell_s = ell[..., supports_flat].unflatten(-1, (-1, 2))  # (..., 6, 2)
     scale = torch.where(a_norm2 > 0, a_norm2, torch.ones_like(a_norm2))[..., None, None]
-    u_s = (Q_ss_pinv @ ell_s[..., None])[..., 0] / scale
-    quad = (u_s[..., None, :] @ Q_ss @ u_s[..., None])[..., 0, 0]
+    u_s = torch.sum(Q_ss_pinv * ell_s[..., None, :], dim=-1) / scale
+    quad = torch.sum(torch.sum(Q_ss * u_s[..., None, :], dim=-1) * u_s, dim=-1)
     cost = scale[..., 0] * quad - 2 * torch.sum(u_s * ell_s, dim=-1)
     return u_s, cost
 
@@ -295,10 +297,10 @@ def choose_supports(
     cheaper than the current one (tie: keep), values accepted only on a strict decrease of ``φ`` and never for
     ``a = 0``. Returns new values (..., 4), new mask (..., 4) and whether the support changed."""
     u_s, cost = support_costs(Q_ss, Q_ss_pinv, ell, a_norm2, tables.supports_flat)
-    Qs = (Q @ s[..., None])[..., 0]
+    Qs = torch.sum(Q * s[..., None, :], dim=-1)
     cost_now = a_norm2 * torch.sum(s * Qs, dim=-1) - 2 * torch.sum(s * ell, dim=-1)
     pattern = m[..., 0] + 2 * m[..., 1] + 4 * m[..., 2] + 8 * m[..., 3]
-    current = tables.support_of_pattern[pattern.long()]
+    current = tables.support_of_pattern[pattern]
     cost_current = torch.gather(cost, -1, current[..., None])[..., 0]
     best = torch.argmin(cost, dim=-1)
     tolerance = _TIE_TOLERANCE[cost.dtype] * (torch.abs(cost_current) + torch.abs(cost_now)) + 1e-300
@@ -319,8 +321,9 @@ def group_ell_first_term(f: Factors, G: torch.Tensor) -> torch.Tensor:
     return blockdiag_right(blockdiag_left(f.A.transpose(1, 2), G), f.B.transpose(1, 2))
 
 
-def improvable_groups(problem: Problem, f: Factors, G: torch.Tensor, tables: GroupTables) -> torch.Tensor:
+def improvable_groups(problem: Problem, f: Factors, ell_first: torch.Tensor, tables: GroupTables) -> torch.Tensor:
     """Which groups could strictly lower the loss by changing support, each judged alone at the current point.
+    Takes ``ell_first = group_ell_first_term(f, G)`` (computed once by the caller, unlike the reference's ``G``).
     Returns bool (R, b, K, b/4)."""
     R, b, _ = f.A.shape
     K = f.B.shape[0]
@@ -329,7 +332,7 @@ def improvable_groups(problem: Problem, f: Factors, G: torch.Tensor, tables: Gro
     m = f.M.reshape(shape)
     a_norm2 = torch.sum(f.A * f.A, dim=1)[:, :, None, None].expand(shape[:-1])
     Q = tables.Q
-    ell = group_ell_first_term(f, G).reshape(shape) + a_norm2[..., None] * (Q @ s[..., None])[..., 0]
+    ell = ell_first.reshape(shape) + a_norm2[..., None] * torch.sum(Q * s[..., None, :], dim=-1)
     _, _, switch = choose_supports(tables, Q, tables.Q_ss, tables.Q_ss_pinv, ell, a_norm2, s, m)
     return switch
 
@@ -370,34 +373,33 @@ def update_groups(
 
 
 def update_position(
-    f: Factors, G_tiles: torch.Tensor, tables: GroupTables, ks: slice, p: int, g: int, A_cols: torch.Tensor,
+    f: Factors, L_rows: torch.Tensor, tables: GroupTables, ks: slice, p: int, g: int, AtA: torch.Tensor,
     a_norm2_all: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`update_groups` with the same position ``(p, g)`` in every tile (what the discrete step visits), by
-    plain slicing. ``A_cols`` (R, b, b) holds the columns of each ``A_r`` as rows and ``a_norm2_all`` (R, b) their
-    squared norms (both fixed during the step)."""
+    plain slicing, keeping ``L = Aᵀ G Bᵀ`` current instead of ``G = (T − Ŵ) H`` (same algebra, fewer products):
+    its entry block is the first term of ``ℓ`` (:func:`group_ell_first_term`), so ``ℓ = L[r, p, k, g] + ‖a‖² Q s``;
+    and ``G_rk −= a ⊗ (δᵀ B_g H_kk)`` becomes ``L_rk −= (A_rᵀ a) ⊗ (δᵀ B_g H_kk B_kᵀ)``.
+    ``L_rows`` (R, b, nk·b) holds ``L`` on the tiles in row-block layout; ``AtA`` (R, b, b) = ``A_rᵀ A_r`` (column
+    ``p`` is ``A_rᵀ a``) and ``a_norm2_all`` (R, b) its diagonal, ``‖a‖²``; both fixed during the step."""
     R, b, _ = f.A.shape
     K = f.B.shape[0]
-    nk = G_tiles.shape[1]
+    nk = ks.stop - ks.start
     S5 = f.S.view(R, b, K, b // GROUP, GROUP)[:, p, ks, g]  # (R, nk, 4) view
     M5 = f.M.view(R, b, K, b // GROUP, GROUP)[:, p, ks, g]
-    a = A_cols[:, p]  # (R, b)
     a_norm2 = a_norm2_all[:, p, None].expand(R, nk)
-    rows = slice(GROUP * g, GROUP * g + GROUP)
-    B_g = f.B[ks, rows]  # (nk, 4, b)
-    BgH = tables.BH[:, rows]
     Q = tables.Q[:, g]  # (nk, 4, 4)
     s = S5.clone()
     m = M5.clone()
-    Gta = (a[:, None, None, :] @ G_tiles)[..., 0, :]  # (R, nk, b)
-    ell = (B_g @ Gta[..., None])[..., 0] + a_norm2[..., None] * (Q @ s[..., None])[..., 0]
+    ell = L_rows.view(R, b, nk, b // GROUP, GROUP)[:, p, :, g] + a_norm2[..., None] * torch.sum(Q * s[..., None, :], -1)
 
     u_new, m_new, switched = choose_supports(tables, Q, tables.Q_ss[:, g], tables.Q_ss_pinv[:, g], ell, a_norm2, s,
                                              m)
     S5.copy_(u_new)
     M5.copy_(m_new)
-    delta = u_new - s
-    G_tiles -= a[:, None, :, None] * (delta[..., None, :] @ BgH)  # G_rk −= a ⊗ (δᵀ B_g H_kk)
+    delta = u_new - s  # (R, nk, 4)
+    v = torch.sum(delta[..., :, None] * tables.BHBt[:, GROUP * g : GROUP * g + GROUP], dim=-2)  # (R, nk, b)
+    L_rows.baddbmm_(AtA[:, :, p : p + 1], v.view(R, 1, nk * b), alpha=-1)
     return torch.sum(switched)
 
 
@@ -412,14 +414,15 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
     nb = b // GROUP
     G = problem.times_H(problem.target - f.W_hat())
     tables = group_tables(f.B, diagonal_blocks(problem, b))
-    candidates = improvable_groups(problem, f, G, tables)  # (R, b, K, b/4)
+    ell_first = group_ell_first_term(f, G)  # Aᵀ G Bᵀ
+    candidates = improvable_groups(problem, f, ell_first, tables)  # (R, b, K, b/4)
     # which positions (p, g) are worth visiting, per batch of column blocks: one transfer for all batches
     batches = [slice(0, K)] if problem.diagonal else [slice(k, k + 1) for k in range(K)]
     per_k = candidates.any(dim=0).permute(1, 0, 2).reshape(K, b * nb)  # (K, b·b/4)
     worth_all = [per_k[ks].any(dim=0) for ks in batches]
     worth_all = torch.stack(worth_all).cpu().numpy()
-    A_cols = f.A.transpose(1, 2).contiguous()  # row p = column p of A_r
-    a_norm2_all = torch.sum(f.A * f.A, dim=1)  # (R, b)
+    AtA = f.A.transpose(1, 2) @ f.A  # column p = A_rᵀ a
+    a_norm2_all = torch.sum(f.A * f.A, dim=1)  # (R, b) = ‖A_r[:, p]‖²
     changed = torch.zeros((), dtype=torch.int64, device=f.S.device)
     for ks, worth_visiting in zip(batches, worth_all, strict=True):
         nk = ks.stop - ks.start
@@ -427,14 +430,15 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
         if not worth_visiting.any():
             continue
         S_before = f.S[:, col_range].clone() if not problem.diagonal else None
-        G_tiles = G[:, col_range].reshape(R, b, nk, b).permute(0, 2, 1, 3).contiguous()  # (R, nk, b, b)
+        L_rows = ell_first[:, col_range].reshape(R, b, nk * b).clone()  # Aᵀ G Bᵀ on the batch, (R, b, nk·b)
         batch_tables = tables.select(ks)
         order = rng.permutation(b * nb)
         for flat in order[worth_visiting[order]].tolist():
-            changed += update_position(f, G_tiles, batch_tables, ks, flat // nb, flat % nb, A_cols, a_norm2_all)
+            changed += update_position(f, L_rows, batch_tables, ks, flat // nb, flat % nb, AtA, a_norm2_all)
         if not problem.diagonal:  # carry the column block's change into G for the blocks still to come
             dE = -blockdiag_left(f.A, blockdiag_right(f.S[:, col_range] - S_before, f.B[ks]))
             G += dE.reshape(d_out, -1) @ problem.H[col_range, :]
+            ell_first = group_ell_first_term(f, G)
     return int(changed)
 
 
@@ -572,10 +576,42 @@ def factorize(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    num_threads: int | None = None,
 ) -> ArmorResult:
     """:func:`armor_ref.factorization.factorize` on torch: NumPy arrays in, an ``ArmorResult`` of float64 NumPy
     arrays out. ``device`` ``cpu`` / ``cuda`` / ``cuda:N``; ``dtype`` the working precision (default
-    :func:`default_dtype`). Nothing is kept on the device after the call returns."""
+    :func:`default_dtype`). Nothing is kept on the device after the call returns.
+
+    ``num_threads``: torch's intra-op CPU threads during the call (restored afterwards). Default 1 on the CPU: the
+    work is mostly many small operations, where OpenMP threads cost more than they save (on a busy 2-core machine,
+    10× more); pass a larger number for large layers on an idle many-core CPU.
+    """
+    device = torch.device(device)
+    threads = num_threads or (1 if device.type == "cpu" else torch.get_num_threads())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _factorize(W, gram, proxy, init, block_size, sweeps, tol, seed, schedule, damping, on_sweep, device,
+                          dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _factorize(
+    W: np.ndarray,
+    gram: np.ndarray,
+    proxy: str,
+    init: str | None,
+    block_size: int,
+    sweeps: int | None,
+    tol: float,
+    seed: int,
+    schedule: str,
+    damping: float,
+    on_sweep: Callable[[int, float], None] | None,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> ArmorResult:
     W_np = np.asarray(W, dtype=np.float64)
     d_out, d_in = W_np.shape
     check_shapes(d_out, d_in, block_size)
@@ -585,7 +621,6 @@ def factorize(
     if init not in BASELINES:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
     sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
-    device = torch.device(device)
     dtype = dtype or default_dtype(device)
 
     t0 = time.perf_counter()
