@@ -221,22 +221,44 @@ def run_block(block: Any, hidden: Any, kwargs: dict) -> Any:
 
 def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[Any, dict]]) -> dict[str, np.ndarray]:
     """Forward every batch through ``block`` and return each named linear's input Gram matrix ``Xᵀ X``
-    (float64, over all calibration tokens)."""
+    (float64, over all calibration tokens).
+
+    The forward of a batch stops as soon as every linear of the group has seen its input (nothing after them
+    is needed), and linears fed the very same tensor (q/k/v, gate/up) share one ``Xᵀ X`` product."""
     torch = require_torch()
-    grams: dict[str, Any] = {}
-    handles = []
-    for name, linear in linears.items():
-        grams[name] = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+    grams = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
+    seen: dict[str, Any] = {}  # linear name -> its input in the current batch
 
-        def hook(module: Any, args: tuple, output: Any, name: str = name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            grams[name] += x.T @ x
+    def make_hook(name: str) -> Callable:
+        def hook(module: Any, args: tuple) -> None:
+            x = args[0]
+            twin = next((other for other, t in seen.items() if t is x), None)
+            if twin is not None:
+                grams[name] += seen_products[twin]
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                seen_products[name] = flat.T @ flat
+                grams[name] += seen_products[name]
+            seen[name] = x
+            if len(seen) == len(linears):
+                raise _StopForward
 
-        handles.append(linear.register_forward_hook(hook))
+        return hook
+
+    seen_products: dict[str, Any] = {}
+    handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
     try:
         with torch.no_grad():
             for hidden, kwargs in batches:
-                run_block(block, hidden, kwargs)
+                seen.clear()
+                seen_products.clear()
+                try:
+                    run_block(block, hidden, kwargs)
+                except _StopForward:
+                    pass
+                if len(seen) != len(linears):
+                    missing = sorted(set(linears) - set(seen))
+                    raise ModelError(f"linear(s) {', '.join(missing)} were not called by the block's forward")
     finally:
         for h in handles:
             h.remove()
