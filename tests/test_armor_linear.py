@@ -1,0 +1,112 @@
+"""``backends.torch.inference.ArmorLinear``: forward equals ``Ŵ x + bias``; constructors; shapes and dtypes (CPU).
+The semi-structured (2:4 sparse kernel) path needs an NVIDIA GPU (compute capability >= 8.0) and is tested there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from armor_ref.factorization import factorize  # noqa: E402
+from armor_ref.masks import pack_2of4  # noqa: E402
+from armor_ref.objectives import gram_matrix  # noqa: E402
+from backends.torch.inference import ArmorLinear, semi_structured_supported  # noqa: E402
+
+D_OUT, D_IN, BLOCK = 32, 64, 16
+
+
+@pytest.fixture(scope="module")
+def layer():
+    rng = np.random.default_rng(0)
+    linear = torch.nn.Linear(D_IN, D_OUT)
+    X = rng.standard_normal((200, D_IN))
+    result = factorize(linear.weight.detach().double().numpy(), gram_matrix(X), proxy="hessian", block_size=BLOCK,
+                       sweeps=2)
+    return linear, result
+
+
+def test_forward_equals_reconstruction_plus_bias(layer):
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    x = torch.randn(5, D_IN)
+    W_hat = torch.from_numpy(result.W_hat()).float()
+    expected = x @ W_hat.T + linear.bias.detach()
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.to_dense(), W_hat, rtol=1e-5, atol=1e-6)
+    assert not module.sparse and module.A.dtype == torch.float32
+
+
+def test_batched_inputs_and_no_bias(layer):
+    _, result = layer
+    values, index = pack_2of4(result.S, result.M)
+    module = ArmorLinear.from_file_tensors(result.A.astype(np.float32), result.B.astype(np.float32), values, index)
+    x = torch.randn(2, 3, 7, D_IN)
+    y = module(x)
+    assert y.shape == (2, 3, 7, D_OUT) and module.bias is None
+    expected = x @ torch.from_numpy(result.W_hat()).float().T
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert module(torch.randn(D_IN)).shape == (D_OUT,)  # a single vector
+    assert module(torch.randn(0, D_IN)).shape == (0, D_OUT)  # no tokens
+
+
+def test_file_tensors_and_result_constructors_agree(layer):
+    linear, result = layer
+    values, index = pack_2of4(result.S, result.M)
+    a = ArmorLinear.from_file_tensors(torch.from_numpy(result.A), torch.from_numpy(result.B), torch.from_numpy(values),
+                                      torch.from_numpy(index), bias=linear.bias)
+    b = ArmorLinear.from_result(linear, result)
+    x = torch.randn(4, D_IN)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_dtype_handling(layer):
+    linear, result = layer
+    m64 = ArmorLinear.from_result(linear, result, dtype=torch.float64)
+    x = torch.randn(3, D_IN, dtype=torch.float64)
+    expected = x @ torch.from_numpy(result.W_hat()).T + linear.bias.detach().double()
+    torch.testing.assert_close(m64(x), expected, rtol=1e-12, atol=1e-12)
+    # inputs of another dtype are cast to the module's and the output back to the input's
+    m32 = ArmorLinear.from_result(linear, result)
+    y = m32(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    mbf = ArmorLinear.from_result(linear, result, dtype=torch.bfloat16)  # dense bf16 on the CPU
+    assert not mbf.sparse
+    torch.testing.assert_close(mbf(x.float()), expected.float(), rtol=0.1, atol=0.1)
+
+
+def test_bad_inputs_and_sparse_needs_cuda(layer):
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    with pytest.raises(ValueError, match="features"):
+        module(torch.randn(2, D_IN + 4))
+    with pytest.raises(ValueError, match="semi-structured"):
+        ArmorLinear.from_result(linear, result, sparse=True)
+    with pytest.raises(ValueError, match="do not fit"):
+        ArmorLinear(torch.zeros(2, 16, 16), torch.zeros(4, 16, 16), torch.zeros(D_OUT, D_IN + 4))
+    assert not semi_structured_supported((D_OUT, D_IN), torch.float16, torch.device("cpu"))
+
+
+def test_weight_bytes_counts_every_factor(layer):
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    assert module.weight_bytes() == 4 * (D_OUT * D_IN + (D_OUT + D_IN) * BLOCK + D_OUT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_semi_structured_core_on_cuda():
+    d_out, d_in, b = 256, 512, 32
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((d_out, d_in))
+    result = factorize(W, gram_matrix(rng.standard_normal((600, d_in))), proxy="nowag", block_size=b, sweeps=1)
+    linear = torch.nn.Linear(d_in, d_out).cuda().half()
+    if not semi_structured_supported((d_out, d_in), torch.float16, torch.device("cuda")):
+        pytest.skip("this GPU has no 2:4 sparse tensor cores")
+    module = ArmorLinear.from_result(linear, result)
+    assert module.sparse
+    x = torch.randn(300, d_in, device="cuda", dtype=torch.float16)
+    dense = ArmorLinear.from_result(linear, result, sparse=False)
+    torch.testing.assert_close(module(x), dense(x), rtol=2e-2, atol=2e-2)
+    factor_bytes = 2 * (d_out + d_in) * b + 2 * d_out  # A, B and bias in fp16
+    assert module.weight_bytes() - factor_bytes < 0.6 * d_out * d_in * 2  # the core: about 0.56 of dense
