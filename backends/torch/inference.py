@@ -73,7 +73,9 @@ class ArmorLinear(torch.nn.Module):
         R, b, b2 = A.shape
         K = B.shape[0]
         if b != b2 or tuple(B.shape[1:]) != (b, b) or R * b != d_out or K * b != d_in or b % GROUP:
-            raise ValueError(f"factor shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit a core of {d_out}×{d_in}")
+            raise ValueError(
+                f"factor shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit a core of {d_out}×{d_in}"
+            )
         if bias is not None and tuple(bias.shape) != (d_out,):
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match {d_out} outputs")
         self.in_features, self.out_features, self.block_size = d_in, d_out, b
