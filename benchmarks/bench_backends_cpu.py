@@ -112,13 +112,13 @@ def run_pair(W: np.ndarray, gram: np.ndarray, proxy: str, torch_first: bool) -> 
         ratio = results[name].loss / results[name].baseline_loss
         print(f"    {name:10s} {seconds[name]:8.2f} s  loss/baseline {ratio:.5f}", flush=True)
     ref = results["numpy"]
+    pairs = zip(results["torch_f64"].trace, ref.trace, strict=False)
     row = {"proxy": proxy, "order": order, "seconds": seconds, "sweeps": {k: r.sweeps for k, r in results.items()},
            "loss_over_baseline": {k: r.loss / r.baseline_loss for k, r in results.items()},
            "speedup_torch_f64": seconds["numpy"] / seconds["torch_f64"],
            "speedup_torch_f32": seconds["numpy"] / seconds["torch_f32"],
            "torch_f64_masks_equal": bool(np.array_equal(results["torch_f64"].M, ref.M)),
-           "torch_f64_max_rel_trace_diff": float(max(abs(a["loss"] - b["loss"]) / b["loss"]
-                                                     for a, b in zip(results["torch_f64"].trace, ref.trace, strict=False))),
+           "torch_f64_max_rel_trace_diff": float(max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in pairs)),
            "torch_f32_mask_agreement": float(np.mean(results["torch_f32"].M == ref.M))}
     print(f"    speed-up torch f64 {row['speedup_torch_f64']:.2f}x, f32 {row['speedup_torch_f32']:.2f}x; "
           f"f64 masks equal {row['torch_f64_masks_equal']}, trace diff {row['torch_f64_max_rel_trace_diff']:.1e}",
