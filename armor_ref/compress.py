@@ -162,7 +162,7 @@ def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, s
 
     Encoders get ``[CLS] … [SEP]`` around ``seqlen − 2`` text tokens, when the tokenizer has them.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     wrap = cls_id is not None and sep_id is not None
     body = seqlen - 2 if wrap else seqlen
@@ -345,12 +345,16 @@ def armor_tensors(name: str, result: LinearResult) -> dict[str, np.ndarray]:
 
 
 def shard_metadata(settings: CompressSettings, proxy: str) -> dict[str, str]:
+    """Header metadata of every output shard (spec §6 keys first)."""
     return {
         "format": "armor",
         "version": FORMAT_VERSION,
         "block_size": str(settings.block_size),
         "proxy": proxy,
+        "values_dtype": "float32",
+        "index_layout": "p0 | (p1 << 2), 0 <= p0 < p1 <= 3, per group of 4 columns",
         "method": settings.method,
+        "sweeps": "default" if settings.sweeps is None else str(settings.sweeps),
     }
 
 

@@ -128,7 +128,7 @@ def perplexity(
     torch = require_torch()
     if not 0 < stride <= max_length:
         raise EvaluationError("need 0 < stride <= max_length")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
