@@ -119,7 +119,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_factorize.py needs an NVIDIA GPU with CUDA; none is visible to torch here")
     device = torch.device("cuda")
-    report = {"machine": gpu_info(), "calibration": f"{SEQUENCES}x{SEQLEN} synthetic LLM-like tokens (outlier channels)",
+    calibration = f"{SEQUENCES}x{SEQLEN} synthetic LLM-like tokens (outlier channels)"
+    report = {"machine": gpu_info(), "calibration": calibration,
               "weights": "synthetic Gaussian, log-normal row scales", "dtype": "float32", "layers": []}
     for spec in args.shapes.split(","):
         d_out, d_in = (int(v) for v in spec.lower().split("x"))
