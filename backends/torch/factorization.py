@@ -13,7 +13,10 @@ a support change whose gain is below float32 resolution may go the other way.
 Differences, for speed and memory only: the b×b and 2×2 pseudo-inverses are taken in float64 whatever the
 working dtype; ``B H Bᵀ`` is formed from the blocks (no dense ``blockdiag(B)``); a diagonal ``H`` is kept as a
 vector; the discrete step updates the groups of one position ``(p, g)`` with plain slices (:func:`update_position`)
-instead of the fancy indexing of :func:`update_groups` (kept for the Adam schedule's per-tile draws).
+and keeps ``L = Aᵀ G Bᵀ`` current instead of ``G`` (the same algebra, fewer products), where the reference uses
+the fancy indexing of :func:`update_groups` (kept here for the Adam schedule's per-tile draws); small products are
+written elementwise, cheaper than batched matmuls of 2×2 and 4×4 matrices. On the CPU the call runs with one
+intra-op thread by default (see :func:`factorize`).
 """
 
 from __future__ import annotations
