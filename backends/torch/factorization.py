@@ -433,7 +433,12 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
         if not worth_visiting.any():
             continue
         S_before = f.S[:, col_range].clone() if not problem.diagonal else None
-        L_rows = ell_first[:, col_range].reshape(R, b, nk * b).clone()  # Aᵀ G Bᵀ on the batch, (R, b, nk·b)
+        if ks.start > 0:  # hessian: G has changed since the screening; Aᵀ G Bᵀ of this column block only
+            ell_first = blockdiag_right(blockdiag_left(f.A.transpose(1, 2), G[:, col_range]), f.B[ks].transpose(1, 2))
+            col_range_L = slice(0, b)
+        else:
+            col_range_L = col_range
+        L_rows = ell_first[:, col_range_L].reshape(R, b, nk * b).clone()  # Aᵀ G Bᵀ on the batch, (R, b, nk·b)
         batch_tables = tables.select(ks)
         order = rng.permutation(b * nb)
         for flat in order[worth_visiting[order]].tolist():
@@ -441,7 +446,6 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
         if not problem.diagonal:  # carry the column block's change into G for the blocks still to come
             dE = -blockdiag_left(f.A, blockdiag_right(f.S[:, col_range] - S_before, f.B[ks]))
             G += dE.reshape(d_out, -1) @ problem.H[col_range, :]
-            ell_first = group_ell_first_term(f, G)
     return int(changed)
 
 
