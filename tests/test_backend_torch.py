@@ -117,7 +117,8 @@ def test_torch_float64_matches_the_reference(proxy, dead):
     assert got.sweeps == ref.sweeps and len(got.trace) == len(ref.trace)
     np.testing.assert_array_equal(got.M, ref.M)
     np.testing.assert_allclose(losses(got.trace), losses(ref.trace), rtol=EQ_RTOL)
-    np.testing.assert_allclose(got.W_hat(), ref.W_hat(), rtol=1e-6, atol=1e-9 * np.abs(W).max())
+    # the loss is flat at the optimum, so values agree less tightly than losses: ~1e-9 of max |W| seen
+    np.testing.assert_allclose(got.W_hat(), ref.W_hat(), rtol=1e-6, atol=1e-8 * np.abs(W).max())
 
 
 @needs_torch
