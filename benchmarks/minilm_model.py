@@ -166,9 +166,13 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
-    tmp = RESULTS + ".tmp"
+    """Write atomically, merged with what another benchmark process may have written meanwhile."""
+    merged = load_results()
+    merged.update({k: v for k, v in results.items() if k != "runs"})
+    merged.setdefault("runs", {}).update(results.get("runs", {}))
+    tmp = f"{RESULTS}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2, sort_keys=True)
+        json.dump(merged, fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, RESULTS)
 
@@ -202,7 +206,7 @@ def main() -> None:
 
     results = load_results()
     if args.table_only:
-        print(markdown_table(results))
+        print(markdown_table(load_results()))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.makedirs(args.work_dir, exist_ok=True)
@@ -261,7 +265,7 @@ def main() -> None:
             f"time {report['seconds_blocks']:.0f}s size {shards_size(out) / 1e6:.1f} MB",
             flush=True,
         )
-    print(markdown_table(results))
+    print(markdown_table(load_results()))
 
 
 if __name__ == "__main__":
