@@ -543,7 +543,7 @@ def compress_model(
     for i in range(start_block, len(blocks)):
         block = blocks[i]
         block_prefix = names[id(block)]
-        t_block = time.perf_counter()
+        t_block, cpu_block = time.perf_counter(), time.process_time()
         bar_layers = _progress(n_linears, f"block {i}", 1, not (progress and writer))
         results: dict[str, LinearResult] = {}
         for group in layout.groups:
@@ -578,7 +578,9 @@ def compress_model(
                 atomic_torch_save([h for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
             state["finished_blocks"] = i + 1
             state["layers"].extend(layer_reports)
-            state["blocks"].append({"block": i, "seconds": time.perf_counter() - t_block})
+            state["blocks"].append(
+                {"block": i, "seconds": time.perf_counter() - t_block, "cpu_seconds": time.process_time() - cpu_block}
+            )
             atomic_write_json(state, state_path)
             old = os.path.join(progress_dir, f"hidden-{i:05d}.pt")
             if os.path.exists(old):
@@ -607,6 +609,7 @@ def compress_model(
             "linears": len(state["layers"]),
             "seconds_total_this_run": time.perf_counter() - t_start,
             "seconds_blocks": sum(b["seconds"] for b in state["blocks"]),
+            "cpu_seconds_blocks": sum(b["cpu_seconds"] for b in state["blocks"]),
             "machine": machine_info(),
         }
         _write_index(out_dir, len(blocks), settings)
