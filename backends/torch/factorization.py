@@ -271,17 +271,25 @@ def group_tables(B_ks: torch.Tensor, H_kk: torch.Tensor) -> GroupTables:
     return GroupTables(BH, full, Q, Q_ss, psd_pinv(Q_ss), *_support_tables(B_ks.device))
 
 
+def _matvec(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M @ v`` over broadcast batches of small matrices (..., n, n) and vectors (..., n): written elementwise for
+    a few thousand entries (least per-call overhead), by ``einsum`` beyond (no broadcast copies)."""
+    if v.numel() <= 8192:
+        return torch.sum(M * v[..., None, :], dim=-1)
+    return torch.einsum("...ij,...j->...i", M, v)
+
+
 def support_costs(
     Q_ss: torch.Tensor, Q_ss_pinv: torch.Tensor, ell: torch.Tensor, a_norm2: torch.Tensor, supports_flat: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each group and each of the 6 supports: ``u_s = Q_ss⁻¹ ℓ_s / ‖a‖²`` (..., 6, 2) and
     ``cost_s = φ(u_s) = ‖a‖² u_sᵀ Q_ss u_s − 2 u_sᵀ ℓ_s`` (..., 6), evaluated as the reference does.
     (Unlike the reference, ``u`` is returned on the support only, (..., 6, 2), not scattered to (..., 6, 4).)
-    The 2×2 products are written out elementwise: cheaper than batched matmuls on tiny matrices."""
+    The small products go through :func:`_matvec`."""
     ell_s = ell[..., supports_flat].unflatten(-1, (-1, 2))  # (..., 6, 2)
     scale = torch.where(a_norm2 > 0, a_norm2, torch.ones_like(a_norm2))[..., None, None]
-    u_s = torch.sum(Q_ss_pinv * ell_s[..., None, :], dim=-1) / scale
-    quad = torch.sum(torch.sum(Q_ss * u_s[..., None, :], dim=-1) * u_s, dim=-1)
+    u_s = _matvec(Q_ss_pinv, ell_s) / scale
+    quad = torch.sum(_matvec(Q_ss, u_s) * u_s, dim=-1)
     cost = scale[..., 0] * quad - 2 * torch.sum(u_s * ell_s, dim=-1)
     return u_s, cost
 
@@ -300,7 +308,7 @@ def choose_supports(
     cheaper than the current one (tie: keep), values accepted only on a strict decrease of ``φ`` and never for
     ``a = 0``. Returns new values (..., 4), new mask (..., 4) and whether the support changed."""
     u_s, cost = support_costs(Q_ss, Q_ss_pinv, ell, a_norm2, tables.supports_flat)
-    Qs = torch.sum(Q * s[..., None, :], dim=-1)
+    Qs = _matvec(Q, s)
     cost_now = a_norm2 * torch.sum(s * Qs, dim=-1) - 2 * torch.sum(s * ell, dim=-1)
     pattern = m[..., 0] + 2 * m[..., 1] + 4 * m[..., 2] + 8 * m[..., 3]
     current = tables.support_of_pattern[pattern]
@@ -335,7 +343,7 @@ def improvable_groups(problem: Problem, f: Factors, ell_first: torch.Tensor, tab
     m = f.M.reshape(shape)
     a_norm2 = torch.sum(f.A * f.A, dim=1)[:, :, None, None].expand(shape[:-1])
     Q = tables.Q
-    ell = ell_first.reshape(shape) + a_norm2[..., None] * torch.sum(Q * s[..., None, :], dim=-1)
+    ell = ell_first.reshape(shape) + a_norm2[..., None] * _matvec(Q, s)
     _, _, switch = choose_supports(tables, Q, tables.Q_ss, tables.Q_ss_pinv, ell, a_norm2, s, m)
     return switch
 
