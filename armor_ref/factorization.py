@@ -30,7 +30,10 @@ DEFAULT_SWEEPS = {"nowag": 30, "hessian": 20}
 DEFAULT_TOL = 1e-5
 SCHEDULES = ("bcd", "adam")
 CORE_CG_ITERATIONS = 20  # conjugate-gradient iterations of one core-values step (warm-started every sweep)
-_RIDGE = 1e-12  # relative eigenvalue cut-off of the pseudo-inverses
+_RIDGE = 1e-12  # relative eigenvalue cut-off of the PSD pseudo-inverses
+# relative singular-value cut-off of the least-squares pseudo-inverses (A- and B-steps): directions weaker than
+# this are left where they are, which keeps B bounded when columns are duplicated or dead
+PINV_RTOL = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,39 +141,38 @@ class ArmorResult:
 # The continuous steps (spec §5)
 # ----------------------------------------------------------------------------------------------------------
 def a_step(problem: Problem, f: Factors) -> None:
-    """A-step, rows blocks separately: with ``P_r = S[rows r] B``,
-    ``A_r = T_r H P_rᵀ (P_r H P_rᵀ)⁻¹`` (nowag: ``H = D``). Taken as ``A_r += (N_r − A_r G_r) G_r⁺``."""
+    """A-step, row blocks separately: with ``P_r = S[rows r] B``, ``A_r = T_r H P_rᵀ (P_r H P_rᵀ)⁻¹``
+    (nowag: ``H = D``). Computed without forming ``P_r H P_rᵀ``, which would square the condition number: with
+    ``H = F Fᵀ``, ``A_r += argmin_X ‖(E_r − X P_r) F‖ = (E_r F)(P_r F)⁺``, ``E_r = T_r − A_r P_r``, the
+    pseudo-inverse by SVD."""
     R, b, _ = f.A.shape
-    P = blockdiag_right(f.S, f.B)  # (d_out, d_in)
-    PH = _times_H(problem, P).reshape(R, b, -1)
-    Pt = P.reshape(R, b, -1).transpose(0, 2, 1)  # (R, d_in, b)
-    numer = problem.target_times_H.reshape(R, b, -1) @ Pt  # T_r H P_rᵀ
-    gram = PH @ Pt  # P_r H P_rᵀ  (R, b, b)
-    f.A += (numer - f.A @ gram) @ psd_pinv(gram)
+    PF = problem.times_F(blockdiag_right(f.S, f.B)).reshape(R, b, -1)  # P_r F  (R, b, d_in)
+    EF = problem.target_times_F.reshape(R, b, -1) - f.A @ PF  # E_r F
+    f.A += EF @ np.linalg.pinv(PF, rtol=PINV_RTOL)
 
 
 def b_step(problem: Problem, f: Factors) -> None:
-    """B-step, with ``Q_k = A S[:, cols k]`` (d_out, b).
+    """B-step, with ``Q_k = A S[:, cols k]`` (d_out, b) and ``Q_k⁺ = (Q_kᵀQ_k)⁻¹ Q_kᵀ`` (by SVD, never forming
+    ``Q_kᵀQ_k``).
 
-    nowag: ``h_j`` scales a whole column and cancels: ``B_k = (Q_kᵀQ_k)⁻¹ Q_kᵀ W̄[:, cols k]``, all k at once.
+    nowag: ``h_j`` scales a whole column and cancels: ``B_k = Q_k⁺ W̄[:, cols k]``, all k at once.
     hessian: Gauss–Seidel over k with ``G = (W − Ŵ) H`` kept current:
-    ``ΔB_k = (Q_kᵀQ_k)⁻¹ Q_kᵀ G[:, cols k] H_kk⁻¹``, ``B_k += ΔB_k``, ``G −= Q_k ΔB_k H[cols k, :]``.
+    ``ΔB_k = Q_k⁺ G[:, cols k] H_kk⁻¹``, ``B_k += ΔB_k``, ``G −= Q_k ΔB_k H[cols k, :]``.
     """
     K, b, _ = f.B.shape
     Q = blockdiag_left(f.A, f.S)  # (d_out, d_in); Q[:, cols k] = Q_k
     Qk = Q.reshape(Q.shape[0], K, b).transpose(1, 0, 2)  # (K, d_out, b)
-    QtQ_pinv = psd_pinv(np.swapaxes(Qk, 1, 2) @ Qk)  # (K, b, b)
+    Qk_pinv = np.linalg.pinv(Qk, rtol=PINV_RTOL)  # (K, b, d_out)
     E = problem.target - blockdiag_right(Q, f.B)
     if problem.diagonal:
-        Ek = E.reshape(E.shape[0], K, b).transpose(1, 0, 2)  # (K, d_out, b)
-        f.B += QtQ_pinv @ (np.swapaxes(Qk, 1, 2) @ Ek)
+        f.B += Qk_pinv @ E.reshape(E.shape[0], K, b).transpose(1, 0, 2)  # ΔB_k = Q_k⁺ E[:, cols k]
         return
     H = problem.H
     G = E @ H
     Hkk_pinv = psd_pinv(diagonal_blocks(H, b))
     for k in range(K):
         cols = slice(k * b, (k + 1) * b)
-        dB = QtQ_pinv[k] @ Qk[k].T @ G[:, cols] @ Hkk_pinv[k]
+        dB = Qk_pinv[k] @ G[:, cols] @ Hkk_pinv[k]
         f.B[k] += dB
         G -= (Qk[k] @ dB) @ H[cols, :]
 
@@ -445,7 +447,8 @@ def run_bcd(
     on_sweep: Callable[[int, float], None] | None = None,
 ) -> tuple[list[dict], int]:
     """Block coordinate descent: sweeps of A-, B-, core-values and discrete steps, recording the loss after
-    every step. Stops after ``sweeps`` sweeps or when a sweep improves the loss by less than ``tol`` relative."""
+    every step (a step whose computed loss rose through rounding is undone and marked ``reverted``).
+    Stops after ``sweeps`` sweeps or when a sweep improves the loss by less than ``tol`` relative."""
     loss = problem.loss(f.W_hat())
     trace = [{"sweep": 0, "step": "init", "loss": loss}]
     steps: list[tuple[str, Callable[[], object]]] = [
@@ -458,8 +461,16 @@ def run_bcd(
     for sweep in range(1, sweeps + 1):
         start_loss = loss
         for name, step in steps:
+            saved = f.copy()
             step()
-            loss = problem.loss(f.W_hat())
+            new_loss = problem.loss(f.W_hat())
+            if new_loss > loss:
+                # Each step is exact, so this only happens through rounding near an exact fit or with extreme
+                # conditioning (a rise of ~ε·κ); undo the step so that the computed trace never increases.
+                f.A, f.B, f.S, f.M = saved.A, saved.B, saved.S, saved.M
+                trace.append({"sweep": sweep, "step": name, "loss": loss, "reverted": True, "rise": new_loss - loss})
+                continue
+            loss = new_loss
             trace.append({"sweep": sweep, "step": name, "loss": loss})
         done = sweep
         if on_sweep is not None:

@@ -97,6 +97,25 @@ class Problem:
             return self.target * np.diag(self.H)[None, :]
         return self.target @ self.H
 
+    @cached_property
+    def H_factor(self) -> np.ndarray:
+        """``F`` with ``H = F Fᵀ``: ``diag(√h)`` for nowag (stored as the vector ``√h``), the lower Cholesky
+        factor of the damped ``H`` for hessian."""
+        if self.diagonal:
+            return np.sqrt(np.maximum(np.diag(self.H), 0.0))
+        return np.linalg.cholesky(self.H)
+
+    def times_F(self, X: np.ndarray) -> np.ndarray:
+        """``X F`` (see :attr:`H_factor`)."""
+        if self.diagonal:
+            return X * self.H_factor[None, :]
+        return X @ self.H_factor
+
+    @cached_property
+    def target_times_F(self) -> np.ndarray:
+        """``T F`` (d_out, d_in), computed once."""
+        return self.times_F(self.target)
+
     def loss(self, W_hat_T: np.ndarray) -> float:
         """The proxy loss of an approximation given in the optimised space."""
         E = self.target - W_hat_T

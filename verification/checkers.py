@@ -368,11 +368,14 @@ def check_discrete_batch(
 # Whole results
 # ----------------------------------------------------------------------------------------------------------
 def check_trace_monotone(trace: Sequence[dict], rtol: float = MONOTONE_RTOL, atol: float = 0.0) -> list[str]:
-    """Every step's loss is ≤ the previous one (relative ``rtol``, absolute ``atol``)."""
+    """Every step's loss is ≤ the previous one (relative ``rtol``, absolute ``atol``), and no step had to be
+    undone (``run_bcd`` reverts a step whose computed loss rose) for a rise larger than that rounding margin."""
     out = []
     for prev, cur in itertools.pairwise(trace):
         if not not_increased(prev["loss"], cur["loss"], rtol, atol):
             out.append(f"loss rose at sweep {cur['sweep']} step {cur['step']}: {prev['loss']!r} -> {cur['loss']!r}")
+        if cur.get("reverted") and not not_increased(prev["loss"], prev["loss"] + cur["rise"], rtol, atol):
+            out.append(f"step {cur['step']} of sweep {cur['sweep']} raised the loss by {cur['rise']!r} and was undone")
     return out
 
 

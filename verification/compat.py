@@ -1,7 +1,4 @@
-"""A thin adapter over the discrete-step internals of :mod:`armor_ref.factorization`, whose signatures are
-still moving: older trees expose ``best_support(Q, ℓ, ‖a‖²)`` and ``update_groups(f, G, BH, …)``, newer ones
-``support_costs(Q, Q_ss, Q_ss⁺, ℓ, ‖a‖²)``, ``group_tables(B_k, H_kk)`` and ``update_groups(f, G, tables, …)``.
-The checkers only need the two operations below."""
+"""The two discrete-step operations the checkers need, over :mod:`armor_ref.factorization`'s internals."""
 
 from __future__ import annotations
 
@@ -15,8 +12,6 @@ from armor_ref.masks import SUPPORTS
 
 def support_costs(Q: np.ndarray, ell: np.ndarray, a_norm2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Optimal values ``u`` (..., 6, 4) and costs (..., 6) of the 6 supports of groups with ``Q``, ``ℓ``, ``‖a‖²``."""
-    if hasattr(fz, "best_support"):
-        return fz.best_support(Q, ell, a_norm2)
     Q_ss = Q[..., SUPPORTS[:, :, None], SUPPORTS[:, None, :]]
     return fz.support_costs(Q, Q_ss, fz.psd_pinv(Q_ss), ell, a_norm2)
 
@@ -31,9 +26,7 @@ def run_update_groups(
     g: np.ndarray,
     update: Callable[..., int] | None = None,
 ) -> int:
-    """Call ``update`` (default: the reference's ``update_groups``) on one batch, building whatever per-batch
-    table the reference expects from ``B_k`` (nk, b, b) and ``H_kk`` (nk, b, b)."""
+    """Call ``update`` (default: the reference's ``update_groups``) on one batch, with the group tables of
+    ``B_k`` (nk, b, b) and ``H_kk`` (nk, b, b)."""
     update = fz.update_groups if update is None else update
-    if hasattr(fz, "group_tables"):
-        return update(f, G_tiles, fz.group_tables(B_ks, H_kk), ks, p, g)
-    return update(f, G_tiles, B_ks @ H_kk, ks, p, g)
+    return update(f, G_tiles, fz.group_tables(B_ks, H_kk), ks, p, g)
