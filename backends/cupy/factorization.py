@@ -25,6 +25,7 @@ from armor_ref.factorization import (
     DEFAULT_INIT,
     DEFAULT_SWEEPS,
     DEFAULT_TOL,
+    PINV_RTOL,
     SCHEDULES,
     ArmorResult,
     check_shapes,
@@ -92,6 +93,8 @@ class Problem:
     row_scale: Any
     col_scale: Any
     target_times_H: Any
+    H_factor: Any  # F with H = F Fᵀ: √h (a vector) for nowag, the lower Cholesky factor for hessian
+    target_times_F: Any
 
     @property
     def diagonal(self) -> bool:
@@ -99,6 +102,9 @@ class Problem:
 
     def times_H(self, X: Any) -> Any:
         return X * self.h[None, :] if self.H is None else X @ self.H
+
+    def times_F(self, X: Any) -> Any:
+        return X * self.H_factor[None, :] if self.H is None else X @ self.H_factor
 
     def loss(self, W_hat_T: Any) -> float:
         E = self.target - W_hat_T
@@ -115,12 +121,14 @@ def make_problem(W: Any, gram: Any, proxy: str, damping: float = DEFAULT_DAMPING
     if proxy == "nowag":
         W_bar, r, c = nowag_normalization(W)
         h = xp.diag(gram).copy()
-        return Problem("nowag", W_bar, h, None, r, c, W_bar * h[None, :])
+        F = xp.sqrt(xp.maximum(h, 0.0))
+        return Problem("nowag", W_bar, h, None, r, c, W_bar * h[None, :], F, W_bar * F[None, :])
     if proxy == "hessian":
         mean_h = float(xp.mean(xp.diag(gram)))
         H = gram + damping * (mean_h if mean_h > 0 else 1.0) * xp.eye(gram.shape[0], dtype=gram.dtype)
         ones_out, ones_in = xp.ones(W.shape[0], dtype=W.dtype), xp.ones(W.shape[1], dtype=W.dtype)
-        return Problem("hessian", W, xp.diag(H).copy(), H, ones_out, ones_in, W @ H)
+        F = xp.linalg.cholesky(H)
+        return Problem("hessian", W, xp.diag(H).copy(), H, ones_out, ones_in, W @ H, F, W @ F)
     raise ValueError(f"unknown proxy {proxy!r}")
 
 
@@ -214,6 +222,15 @@ def psd_pinv(M: Any) -> Any:
     return ((V * inv_w[..., None, :]) @ xp.swapaxes(V, -1, -2)).astype(M.dtype)
 
 
+def lstsq_pinv(M: Any) -> Any:
+    """Batched pseudo-inverse by SVD, singular values ≤ ``PINV_RTOL · σ_max`` dropped (float64)."""
+    xp = array_module(M)
+    U, sv, Vt = xp.linalg.svd(M.astype(xp.float64), full_matrices=False)
+    keep = sv > PINV_RTOL * sv[..., :1]
+    inv_s = xp.where(keep, 1.0 / xp.where(keep, sv, 1.0), 0.0)
+    return ((xp.swapaxes(Vt, -1, -2) * inv_s[..., None, :]) @ xp.swapaxes(U, -1, -2)).astype(M.dtype)
+
+
 @dataclass
 class Factors:
     A: Any
@@ -224,39 +241,37 @@ class Factors:
     def W_hat(self) -> Any:
         return reconstruct(self.A, self.S, self.B)
 
+    def copy(self) -> Factors:
+        return Factors(self.A.copy(), self.B.copy(), self.S.copy(), self.M.copy())
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The continuous steps (spec §5)
 # ----------------------------------------------------------------------------------------------------------
 def a_step(problem: Problem, f: Factors) -> None:
-    """``A_r += (T_r H P_rᵀ − A_r P_r H P_rᵀ)(P_r H P_rᵀ)⁺``, ``P_r = S[rows r] B``."""
+    """``A_r += (E_r F)(P_r F)⁺`` with ``H = F Fᵀ``, ``P_r = S[rows r] B``, ``E_r = T_r − A_r P_r``."""
     R, b, _ = f.A.shape
-    P = blockdiag_right(f.S, f.B)
-    PH = problem.times_H(P).reshape(R, b, -1)
-    Pt = P.reshape(R, b, -1).transpose(0, 2, 1)
-    numer = problem.target_times_H.reshape(R, b, -1) @ Pt
-    gram = PH @ Pt
-    f.A += (numer - f.A @ gram) @ psd_pinv(gram)
+    PF = problem.times_F(blockdiag_right(f.S, f.B)).reshape(R, b, -1)
+    EF = problem.target_times_F.reshape(R, b, -1) - f.A @ PF
+    f.A += EF @ lstsq_pinv(PF)
 
 
 def b_step(problem: Problem, f: Factors) -> None:
-    """nowag: ``B_k += (Q_kᵀQ_k)⁺ Q_kᵀ E_k``; hessian: Gauss–Seidel ``ΔB_k = (Q_kᵀQ_k)⁺ Q_kᵀ G_k H_kk⁺``."""
-    xp = array_module(f.A)
+    """nowag: ``B_k += Q_k⁺ E_k``; hessian: Gauss–Seidel ``ΔB_k = Q_k⁺ G_k H_kk⁺`` (``Q_k⁺`` by SVD)."""
     K, b, _ = f.B.shape
     Q = blockdiag_left(f.A, f.S)
     Qk = Q.reshape(Q.shape[0], K, b).transpose(1, 0, 2)
-    QtQ_pinv = psd_pinv(xp.swapaxes(Qk, 1, 2) @ Qk)
+    Qk_pinv = lstsq_pinv(Qk)
     E = problem.target - blockdiag_right(Q, f.B)
     if problem.diagonal:
-        Ek = E.reshape(E.shape[0], K, b).transpose(1, 0, 2)
-        f.B += QtQ_pinv @ (xp.swapaxes(Qk, 1, 2) @ Ek)
+        f.B += Qk_pinv @ E.reshape(E.shape[0], K, b).transpose(1, 0, 2)
         return
     H = problem.H
     G = E @ H
     Hkk_pinv = psd_pinv(diagonal_blocks(problem, b))
     for k in range(K):
         cols = slice(k * b, (k + 1) * b)
-        dB = QtQ_pinv[k] @ Qk[k].T @ G[:, cols] @ Hkk_pinv[k]
+        dB = Qk_pinv[k] @ G[:, cols] @ Hkk_pinv[k]
         f.B[k] += dB
         G -= (Qk[k] @ dB) @ H[cols, :]
 
@@ -464,18 +479,34 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
 # ----------------------------------------------------------------------------------------------------------
 # Schedule and entry point (the BCD schedule; the paper's Adam schedule is in the reference and the torch backend)
 # ----------------------------------------------------------------------------------------------------------
-def run_bcd(problem: Problem, f: Factors, sweeps: int, tol: float, rng: np.random.Generator,
-            on_sweep: Callable[[int, float], None] | None = None) -> tuple[list[dict], int]:
+def run_bcd(
+    problem: Problem,
+    f: Factors,
+    sweeps: int,
+    tol: float,
+    rng: np.random.Generator,
+    on_sweep: Callable[[int, float], None] | None = None,
+) -> tuple[list[dict], int]:
     loss = problem.loss(f.W_hat())
     trace = [{"sweep": 0, "step": "init", "loss": loss}]
-    steps = [("A", a_step), ("B", b_step), ("core", core_values_step),
-             ("discrete", lambda p, x: discrete_step(p, x, rng))]
+    steps = [
+        ("A", a_step),
+        ("B", b_step),
+        ("core", core_values_step),
+        ("discrete", lambda p, x: discrete_step(p, x, rng)),
+    ]
     done = 0
     for sweep in range(1, sweeps + 1):
         start_loss = loss
         for name, step in steps:
+            saved = f.copy()
             step(problem, f)
-            loss = problem.loss(f.W_hat())
+            new_loss = problem.loss(f.W_hat())
+            if new_loss > loss:  # a rounding rise (see the reference): undo the step
+                f.A, f.B, f.S, f.M = saved.A, saved.B, saved.S, saved.M
+                trace.append({"sweep": sweep, "step": name, "loss": loss, "reverted": True, "rise": new_loss - loss})
+                continue
+            loss = new_loss
             trace.append({"sweep": sweep, "step": name, "loss": loss})
         done = sweep
         if on_sweep is not None:
@@ -521,13 +552,25 @@ def factorize(
     import cupy
 
     with cupy.cuda.Device(device):
-        return _factorize(cupy, W, gram, proxy, init, block_size, sweeps, tol, seed, damping, on_sweep,
-                          np.dtype(dtype or "float32"))
+        return _factorize(
+            cupy, W, gram, proxy, init, block_size, sweeps, tol, seed, damping, on_sweep, np.dtype(dtype or "float32")
+        )
 
 
-def _factorize(xp: ModuleType, W: np.ndarray, gram: np.ndarray, proxy: str, init: str, block_size: int, sweeps: int,
-               tol: float, seed: int, damping: float, on_sweep: Callable[[int, float], None] | None,
-               dtype: np.dtype) -> ArmorResult:
+def _factorize(
+    xp: ModuleType,
+    W: np.ndarray,
+    gram: np.ndarray,
+    proxy: str,
+    init: str,
+    block_size: int,
+    sweeps: int,
+    tol: float,
+    seed: int,
+    damping: float,
+    on_sweep: Callable[[int, float], None] | None,
+    dtype: np.dtype,
+) -> ArmorResult:
     t0 = time.perf_counter()
     W_x = xp.asarray(W, dtype=dtype)
     gram_x = xp.asarray(np.asarray(gram, dtype=np.float64), dtype=dtype)
@@ -543,6 +586,16 @@ def _factorize(xp: ModuleType, W: np.ndarray, gram: np.ndarray, proxy: str, init
     A = f.A * problem.row_scale.reshape(R, b, 1)
     B = f.B * problem.col_scale.reshape(-1, 1, b)
     return ArmorResult(
-        A=to_numpy(A).astype(np.float64), B=to_numpy(B).astype(np.float64), S=to_numpy(f.S).astype(np.float64),
-        M=to_numpy(f.M), proxy=proxy, init=init, schedule="bcd", baseline_loss=trace[0]["loss"],
-        loss=problem.loss(f.W_hat()), trace=trace, sweeps=done, seconds=time.perf_counter() - t0)
+        A=to_numpy(A).astype(np.float64),
+        B=to_numpy(B).astype(np.float64),
+        S=to_numpy(f.S).astype(np.float64),
+        M=to_numpy(f.M),
+        proxy=proxy,
+        init=init,
+        schedule="bcd",
+        baseline_loss=trace[0]["loss"],
+        loss=problem.loss(f.W_hat()),
+        trace=trace,
+        sweeps=done,
+        seconds=time.perf_counter() - t0,
+    )

@@ -34,6 +34,7 @@ from armor_ref.factorization import (
     DEFAULT_INIT,
     DEFAULT_SWEEPS,
     DEFAULT_TOL,
+    PINV_RTOL,
     SCHEDULES,
     ArmorResult,
     check_shapes,
@@ -95,6 +96,12 @@ def psd_pinv(M: torch.Tensor) -> torch.Tensor:
     return ((V * inv_w[..., None, :]) @ V.transpose(-1, -2)).to(M.dtype)
 
 
+def lstsq_pinv(M: torch.Tensor) -> torch.Tensor:
+    """Batched Moore–Penrose pseudo-inverse by SVD, singular values below ``PINV_RTOL · σ_max`` dropped (the
+    reference's ``np.linalg.pinv(M, rtol=PINV_RTOL)``); taken in float64."""
+    return torch.linalg.pinv(M.to(torch.float64), rtol=PINV_RTOL).to(M.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # State
 # ----------------------------------------------------------------------------------------------------------
@@ -122,42 +129,36 @@ class Factors:
 # The continuous steps (spec §5)
 # ----------------------------------------------------------------------------------------------------------
 def a_step(problem: Problem, f: Factors) -> None:
-    """A-step: with ``P_r = S[rows r] B``, ``A_r = T_r H P_rᵀ (P_r H P_rᵀ)⁻¹``, taken as
-    ``A_r += (N_r − A_r G_r) G_r⁺``."""
+    """A-step: with ``P_r = S[rows r] B`` and ``H = F Fᵀ``, ``A_r += (E_r F)(P_r F)⁺`` (the least-squares form of
+    ``A_r = T_r H P_rᵀ (P_r H P_rᵀ)⁻¹``, without squaring the condition number)."""
     R, b, _ = f.A.shape
-    P = blockdiag_right(f.S, f.B)
-    PH = problem.times_H(P).reshape(R, b, -1)
-    Pt = P.reshape(R, b, -1).transpose(1, 2)  # (R, d_in, b)
-    numer = problem.target_times_H.reshape(R, b, -1) @ Pt  # T_r H P_rᵀ
-    gram = PH @ Pt  # P_r H P_rᵀ
-    f.A += (numer - f.A @ gram) @ psd_pinv(gram)
+    PF = problem.times_F(blockdiag_right(f.S, f.B)).reshape(R, b, -1)  # P_r F
+    EF = problem.target_times_F.reshape(R, b, -1) - f.A @ PF  # E_r F
+    f.A += EF @ lstsq_pinv(PF)
 
 
 def b_step(problem: Problem, f: Factors) -> None:
-    """B-step with ``Q_k = A S[:, cols k]``. nowag: ``B_k = (Q_kᵀQ_k)⁻¹ Q_kᵀ W̄[:, cols k]`` (all k at once);
-    hessian: Gauss–Seidel ``ΔB_k = (Q_kᵀQ_k)⁻¹ Q_kᵀ G[:, cols k] H_kk⁻¹``, ``G −= Q_k ΔB_k H[cols k, :]``."""
+    """B-step with ``Q_k = A S[:, cols k]`` and ``Q_k⁺`` by SVD. nowag: ``B_k = Q_k⁺ W̄[:, cols k]`` (all k at once);
+    hessian: Gauss–Seidel ``ΔB_k = Q_k⁺ G[:, cols k] H_kk⁻¹``, ``G −= Q_k ΔB_k H[cols k, :]``."""
     K, b, _ = f.B.shape
     Q = blockdiag_left(f.A, f.S)
     Qk = Q.reshape(Q.shape[0], K, b).transpose(0, 1)  # (K, d_out, b)
-    QtQ_pinv = psd_pinv(Qk.transpose(1, 2) @ Qk)
+    Qk_pinv = lstsq_pinv(Qk)  # (K, b, d_out)
     E = problem.target - blockdiag_right(Q, f.B)
     if problem.H is None:
-        Ek = E.reshape(E.shape[0], K, b).transpose(0, 1)
-        f.B += QtQ_pinv @ (Qk.transpose(1, 2) @ Ek)
+        f.B += Qk_pinv @ E.reshape(E.shape[0], K, b).transpose(0, 1)
         return
     H = problem.H
     G = E @ H
     Hkk_pinv = psd_pinv(diagonal_blocks(problem, b))
     for k in range(K):
         cols = slice(k * b, (k + 1) * b)
-        dB = QtQ_pinv[k] @ Qk[k].T @ G[:, cols] @ Hkk_pinv[k]
+        dB = Qk_pinv[k] @ G[:, cols] @ Hkk_pinv[k]
         f.B[k] += dB
         G -= (Qk[k] @ dB) @ H[cols, :]
 
 
-def core_values_step(
-    problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = 1e-10
-) -> None:
+def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = 1e-10) -> None:
     """Core-values step: ``M ⊙ (AᵀA S (B H Bᵀ)) = M ⊙ (Aᵀ T H Bᵀ)`` by preconditioned CG from the current values,
     each step an exact line minimisation (the loss never increases). Preconditioner: for row ``i`` and column
     block ``k``, ``(AᵀA)_ii · C_kk[J, J]`` on the kept entries ``J`` (``C = B H Bᵀ``)."""
@@ -254,8 +255,16 @@ class GroupTables:
     support_masks: torch.Tensor  # (6, 4)
 
     def select(self, ks: slice) -> GroupTables:
-        return GroupTables(self.BH[ks], self.BHBt[ks], self.Q[ks], self.Q_ss[ks], self.Q_ss_pinv[ks],
-                           self.supports_flat, self.support_of_pattern, self.support_masks)
+        return GroupTables(
+            self.BH[ks],
+            self.BHBt[ks],
+            self.Q[ks],
+            self.Q_ss[ks],
+            self.Q_ss_pinv[ks],
+            self.supports_flat,
+            self.support_of_pattern,
+            self.support_masks,
+        )
 
 
 def group_tables(B_ks: torch.Tensor, H_kk: torch.Tensor) -> GroupTables:
@@ -384,7 +393,13 @@ def update_groups(
 
 
 def update_position(
-    f: Factors, L_rows: torch.Tensor, tables: GroupTables, ks: slice, p: int, g: int, AtA: torch.Tensor,
+    f: Factors,
+    L_rows: torch.Tensor,
+    tables: GroupTables,
+    ks: slice,
+    p: int,
+    g: int,
+    AtA: torch.Tensor,
     a_norm2_all: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`update_groups` with the same position ``(p, g)`` in every tile (what the discrete step visits), by
@@ -404,8 +419,7 @@ def update_position(
     m = M5.clone()
     ell = L_rows.view(R, b, nk, b // GROUP, GROUP)[:, p, :, g] + a_norm2[..., None] * torch.sum(Q * s[..., None, :], -1)
 
-    u_new, m_new, switched = choose_supports(tables, Q, tables.Q_ss[:, g], tables.Q_ss_pinv[:, g], ell, a_norm2, s,
-                                             m)
+    u_new, m_new, switched = choose_supports(tables, Q, tables.Q_ss[:, g], tables.Q_ss_pinv[:, g], ell, a_norm2, s, m)
     S5.copy_(u_new)
     M5.copy_(m_new)
     delta = u_new - s  # (R, nk, 4)
@@ -491,8 +505,14 @@ def run_bcd(
     for sweep in range(1, sweeps + 1):
         start_loss = loss
         for name, step in steps:
+            saved = f.copy()
             step()
-            loss = problem.loss(f.W_hat())
+            new_loss = problem.loss(f.W_hat())
+            if new_loss > loss:  # a rounding rise (see the reference): undo the step
+                f.A, f.B, f.S, f.M = saved.A, saved.B, saved.S, saved.M
+                trace.append({"sweep": sweep, "step": name, "loss": loss, "reverted": True, "rise": new_loss - loss})
+                continue
+            loss = new_loss
             trace.append({"sweep": sweep, "step": name, "loss": loss})
         done = sweep
         if on_sweep is not None:
@@ -606,8 +626,9 @@ def factorize(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _factorize(W, gram, proxy, init, block_size, sweeps, tol, seed, schedule, damping, on_sweep, device,
-                          dtype)
+        return _factorize(
+            W, gram, proxy, init, block_size, sweeps, tol, seed, schedule, damping, on_sweep, device, dtype
+        )
     finally:
         torch.set_num_threads(previous)
 

@@ -104,8 +104,13 @@ class ArmorLinear(torch.nn.Module):
         """From the exported tensors of spec §6 (NumPy arrays or torch tensors): ``NAME.armor.A`` (R, b, b),
         ``.B`` (K, b, b), ``.values`` (d_out, d_in/2), ``.index`` uint8 (d_out, d_in/4), and the layer's bias."""
         core, _ = unpack_2of4(_as_numpy(values).astype(np.float32), _as_numpy(index).astype(np.uint8))
-        return cls(_as_tensor(A, torch.float32), _as_tensor(B, torch.float32), torch.from_numpy(core),
-                   None if bias is None else _as_tensor(bias, torch.float32), **kwargs)
+        return cls(
+            _as_tensor(A, torch.float32),
+            _as_tensor(B, torch.float32),
+            torch.from_numpy(core),
+            None if bias is None else _as_tensor(bias, torch.float32),
+            **kwargs,
+        )
 
     @classmethod
     def from_result(cls, linear: torch.nn.Linear, result: Any, **kwargs: Any) -> ArmorLinear:
@@ -162,5 +167,7 @@ class ArmorLinear(torch.nn.Module):
         return core + sum(t.numel() * t.element_size() for t in extra)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
-                f"bias={self.bias is not None}, sparse={self.sparse}, dtype={self.A.dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"bias={self.bias is not None}, sparse={self.sparse}, dtype={self.A.dtype}"
+        )

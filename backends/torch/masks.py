@@ -1,7 +1,7 @@
 """2:4 masks in torch — mirrors :mod:`armor_ref.masks` (same names, same rules).
 
-    values[i, 2q + t] = S[i, 4q + p_t]          t = 0, 1 with p_0 < p_1
-    index[i, q]       = p_0 | (p_1 << 2)        uint8
+values[i, 2q + t] = S[i, 4q + p_t]          t = 0, 1 with p_0 < p_1
+index[i, q]       = p_0 | (p_1 << 2)        uint8
 """
 
 from __future__ import annotations

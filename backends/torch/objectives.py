@@ -13,8 +13,18 @@ import torch
 
 from armor_ref.objectives import DEFAULT_DAMPING, PROXIES
 
-__all__ = ["DEFAULT_DAMPING", "PROXIES", "Problem", "damped", "gram_matrix", "hessian_loss", "make_problem",
-           "nowag_loss", "nowag_normalization", "relative_output_error"]
+__all__ = [
+    "DEFAULT_DAMPING",
+    "PROXIES",
+    "Problem",
+    "damped",
+    "gram_matrix",
+    "hessian_loss",
+    "make_problem",
+    "nowag_loss",
+    "nowag_normalization",
+    "relative_output_error",
+]
 
 
 def gram_matrix(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -73,6 +83,8 @@ class Problem:
     row_scale: torch.Tensor
     col_scale: torch.Tensor
     target_times_H: torch.Tensor  # T H, computed once
+    H_factor: torch.Tensor  # F with H = F Fᵀ: √h (a vector) for nowag, the lower Cholesky factor for hessian
+    target_times_F: torch.Tensor  # T F, computed once
 
     @property
     def diagonal(self) -> bool:
@@ -81,6 +93,10 @@ class Problem:
     def times_H(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ H`` (a column scaling when ``H`` is diagonal)."""
         return X * self.h[None, :] if self.H is None else X @ self.H
+
+    def times_F(self, X: torch.Tensor) -> torch.Tensor:
+        """``X @ F`` (see ``H_factor``)."""
+        return X * self.H_factor[None, :] if self.H is None else X @ self.H_factor
 
     def loss(self, W_hat_T: torch.Tensor) -> float:
         E = self.target - W_hat_T
@@ -101,10 +117,12 @@ def make_problem(W: torch.Tensor, gram: torch.Tensor, proxy: str, damping: float
     if proxy == "nowag":
         W_bar, r, c = nowag_normalization(W)
         h = torch.diagonal(gram).clone()
-        return Problem("nowag", W_bar, h, None, r, c, W_bar * h[None, :])
+        F = torch.sqrt(torch.clamp(h, min=0.0))
+        return Problem("nowag", W_bar, h, None, r, c, W_bar * h[None, :], F, W_bar * F[None, :])
     if proxy == "hessian":
         H = damped(gram, damping)
         ones_out = torch.ones(W.shape[0], dtype=W.dtype, device=W.device)
         ones_in = torch.ones(W.shape[1], dtype=W.dtype, device=W.device)
-        return Problem("hessian", W, torch.diagonal(H).clone(), H, ones_out, ones_in, W @ H)
+        F = torch.linalg.cholesky(H)
+        return Problem("hessian", W, torch.diagonal(H).clone(), H, ones_out, ones_in, W @ H, F, W @ F)
     raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(PROXIES)}")
