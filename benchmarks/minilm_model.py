@@ -6,7 +6,7 @@ passages are the first 256 paragraphs of at least 32 words (cut at 96 words). Me
 of the mean-pooled sentence embeddings to the dense model's, accuracy of retrieving each passage's second half
 from its first half, compression time (sum of per-block seconds) and the size of the written safetensors shards.
 
-    python benchmarks/minilm_model.py --runs sparsegpt,wanda,magnitude,nowag-p,armor-nowag:8,armor-hessian:8
+    python benchmarks/minilm_model.py --runs sparsegpt,wanda,magnitude,nowag-p,armor-nowag:3,armor-hessian:2
 
 ``method:N`` sets ``--sweeps N``. Results are merged into ``benchmarks/results/minilm_model.json`` as each run
 finishes (re-running a method replaces its entry).
@@ -231,7 +231,7 @@ def dense_reference_cache(dense: str, evaltext: str, work_dir: str, results: dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="magnitude,wanda,nowag-p,sparsegpt,armor-nowag:8,armor-hessian:8")
+    parser.add_argument("--runs", default="magnitude,wanda,nowag-p,sparsegpt,armor-nowag:3,armor-hessian:2")
     parser.add_argument("--work-dir", default="/tmp/armor-minilm-bench")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=128)
