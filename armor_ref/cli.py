@@ -9,7 +9,6 @@ failed command leaves no output file behind and never touches its inputs.
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from backends import BACKENDS, BackendUnavailable, get_factorize
 
 from .baselines import BASELINES, run_baseline
+from .cli_model import register_model_commands
 from .errors import InputError
 from .factorization import DEFAULT_BLOCK_SIZE, DEFAULT_INIT, DEFAULT_SWEEPS, DEFAULT_TOL, SCHEDULES, check_shapes
 from .io import (
@@ -73,12 +73,9 @@ def cli() -> None:
     """
 
 
-# the whole-model commands `armor-ref compress` and `armor-ref eval` live in armor_ref/cli_model.py, with the
-# model code; the single-layer commands above work without it
-if importlib.util.find_spec("armor_ref.cli_model") is not None:
-    from .cli_model import register_model_commands
-
-    register_model_commands(cli)
+# the whole-model commands `armor-ref compress` and `armor-ref eval` live in armor_ref/cli_model.py, beside the
+# model code (which imports torch only when they run)
+register_model_commands(cli)
 
 
 def main() -> None:
