@@ -82,13 +82,6 @@ def psd_pinv(M: np.ndarray) -> np.ndarray:
     return (V * inv_w[..., None, :]) @ np.swapaxes(V, -1, -2)
 
 
-def _times_H(problem: Problem, X: np.ndarray) -> np.ndarray:
-    """``X @ H`` (cheap when ``H`` is diagonal)."""
-    if problem.diagonal:
-        return X * np.diag(problem.H)[None, :]
-    return X @ problem.H
-
-
 # ----------------------------------------------------------------------------------------------------------
 # State and result
 # ----------------------------------------------------------------------------------------------------------
@@ -402,7 +395,7 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
     R, b, _ = f.A.shape
     K = f.B.shape[0]
     d_out = f.S.shape[0]
-    G = _times_H(problem, problem.target - f.W_hat())
+    G = problem.times_H(problem.target - f.W_hat())
     tables = group_tables(f.B, diagonal_blocks(problem.H, b))
     candidates = improvable_groups(problem, f, G, tables)  # (R, b, K, b/4)
     batches = [slice(0, K)] if problem.diagonal else [slice(k, k + 1) for k in range(K)]
@@ -505,7 +498,7 @@ def run_adam(
     since_best = 0
     done = 0
     for it in range(1, iterations + 1):
-        G = _times_H(problem, problem.target - f.W_hat())  # dL/dŴ = −2 G
+        G = problem.times_H(problem.target - f.W_hat())  # dL/dŴ = −2 G
         SB = blockdiag_right(f.S, f.B)
         AS = blockdiag_left(f.A, f.S)
         grad_A = -2 * np.einsum("rid,rjd->rij", G.reshape(R, b, -1), SB.reshape(R, b, -1))
@@ -523,7 +516,7 @@ def run_adam(
         ks = slice(0, K) if problem.diagonal else slice(it % K, it % K + 1)
         nk = ks.stop - ks.start
         col_range = slice(ks.start * b, ks.stop * b)
-        G = _times_H(problem, problem.target - f.W_hat())
+        G = problem.times_H(problem.target - f.W_hat())
         weights = np.abs(grad_S_full[:, col_range]).reshape(R, b, nk, b // GROUP, GROUP).sum(-1)
         weights = weights.transpose(0, 2, 1, 3).reshape(R, nk, -1) + 1e-300  # (R, nk, b·b/4)
         cdf = np.cumsum(weights, axis=-1)

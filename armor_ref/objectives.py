@@ -93,9 +93,13 @@ class Problem:
     @cached_property
     def target_times_H(self) -> np.ndarray:
         """``T H`` (d_out, d_in), used by every step; computed once."""
+        return self.times_H(self.target)
+
+    def times_H(self, X: np.ndarray) -> np.ndarray:
+        """``X H`` (a column scaling when ``H`` is diagonal)."""
         if self.diagonal:
-            return self.target * np.diag(self.H)[None, :]
-        return self.target @ self.H
+            return X * np.diag(self.H)[None, :]
+        return X @ self.H
 
     @cached_property
     def H_factor(self) -> np.ndarray:
@@ -119,9 +123,7 @@ class Problem:
     def loss(self, W_hat_T: np.ndarray) -> float:
         """The proxy loss of an approximation given in the optimised space."""
         E = self.target - W_hat_T
-        if self.diagonal:
-            return float(np.sum(np.diag(self.H)[None, :] * E * E))
-        return float(np.sum((E @ self.H) * E))
+        return float(np.sum(self.times_H(E) * E))
 
     def to_layer(self, W_hat_T: np.ndarray) -> np.ndarray:
         """Map an approximation in the optimised space back to the layer's scale."""

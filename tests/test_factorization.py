@@ -100,7 +100,7 @@ def test_discrete_step_leaves_no_improvable_group_at_a_fixed_point():
         for _ in range(50):
             if F.discrete_step(problem, f, rng) == 0:
                 break
-        G = F._times_H(problem, problem.target - f.W_hat())
+        G = problem.times_H(problem.target - f.W_hat())
         tables = F.group_tables(f.B, F.diagonal_blocks(problem.H, 8))
         assert not F.improvable_groups(problem, f, G, tables).any()
 
