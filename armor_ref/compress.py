@@ -3,16 +3,20 @@
 Pipeline (:func:`compress_model`):
 
 1. Tokenise the calibration text into ``nsamples`` windows of ``seqlen`` tokens (deterministic, ``seed``).
-2. Run the model up to its first transformer block and keep the block's inputs (hidden states and the keyword
-   arguments the model passes to its blocks: attention mask, rotary position embeddings, ...).
-3. For each block, in order, and inside it for each *group* of linears (:mod:`armor_ref.models`, e.g. q/k/v, then
-   o, then the MLP input projections, then the MLP output projection):
-   forward the block's inputs through the block with hooks that accumulate each linear's Gram matrix ``Xᵀ X``
-   (so a group sees the outputs of the already-compressed groups before it), compress each linear of the group
-   (``factorize`` of the chosen backend, or a 2:4 baseline), and put ``Ŵ`` into the block.
+2. Build the model with no block weights in memory (:func:`armor_ref.models.load_model_skeleton`), run it up to
+   its first transformer block and keep the block's inputs (hidden states and the keyword arguments the model
+   passes to its blocks: attention mask, rotary position embeddings, ...), moved to ``device``.
+3. For each block, in order: read its weights from the checkpoint shards onto ``device``
+   (:func:`armor_ref.models.load_block`). Inside it, for each *group* of linears (:mod:`armor_ref.models`, e.g.
+   q/k/v, then o, then the MLP input projections, then the MLP output projection): forward the block's inputs
+   through the block with hooks that accumulate each linear's Gram matrix ``Xᵀ X`` (so a group sees the outputs
+   of the already-compressed groups before it), compress each linear of the group (``factorize`` of the chosen
+   backend, or a 2:4 baseline), and put ``Ŵ`` into the block.
 4. Forward the inputs through the compressed block: its outputs are the next block's inputs.
 5. Write the block's shard (spec §6 layout) atomically, then the hidden states entering the next block, then the
-   progress file: that last write is what makes the block *finished* for ``--resume``.
+   progress file: that last write is what makes the block *finished* for ``--resume``. Release the block
+   (:func:`armor_ref.models.release_block`): only one block's weights are ever in memory, which is what lets a
+   model larger than the machine's memory be compressed.
 
 Embeddings, norms and the LM head are copied through unchanged. Every method writes the spec §6 layout
 (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with ``A = B = I``, so every output loads
@@ -48,10 +52,12 @@ from .models import (
     checkpoint_name,
     copy_tokenizer_and_config,
     layout_of,
-    load_dense_model,
+    load_block,
+    load_model_skeleton,
     load_tokenizer,
     module_names,
     read_config,
+    release_block,
     require_torch,
     tensor_locations,
 )
@@ -211,6 +217,24 @@ def capture_block_inputs(
     return captured
 
 
+def to_device(obj: Any, device: str) -> Any:
+    """``obj`` with every tensor inside it (tuples, lists, dicts) moved to ``device``."""
+    if hasattr(obj, "to") and hasattr(obj, "device"):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def forward_device(settings: CompressSettings, world: int) -> str:
+    """Where the blocks run: ``settings.device``; under ``torchrun`` with CUDA, this process's own GPU."""
+    if settings.device == "cuda" and world > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return settings.device
+
+
 def run_block(block: Any, hidden: Any, kwargs: dict) -> Any:
     """The block's output hidden states for one batch."""
     kwargs = dict(kwargs)
@@ -226,7 +250,7 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
     The forward of a batch stops as soon as every linear of the group has seen its input (nothing after them
     is needed), and linears fed the very same tensor (q/k/v, gate/up) share one ``Xᵀ X`` product."""
     torch = require_torch()
-    grams = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
+    grams: dict[str, Any] = {name: 0 for name in linears}
     seen: dict[str, Any] = {}  # linear name -> its input in the current batch
 
     def make_hook(name: str) -> Callable:
@@ -262,7 +286,7 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
     finally:
         for h in handles:
             h.remove()
-    return {name: g.numpy() for name, g in grams.items()}
+    return {name: g.cpu().numpy() for name, g in grams.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -509,11 +533,11 @@ def compress_model(
             changed = sorted(k for k in identity if state["settings"].get(k) != identity[k])
             raise CompressionError(f"cannot resume: settings differ from the interrupted run ({', '.join(changed)})")
 
-    model, layout = load_dense_model(model_dir)
+    model, layout, locations = load_model_skeleton(model_dir)
+    device = forward_device(settings, world)
     tokenizer = load_tokenizer(model_dir)
     windows = calibration_windows(tokenizer, text, settings.nsamples, settings.seqlen, settings.seed)
     blocks = blocks_of(model, layout)
-    locations = tensor_locations(model_dir)
     names = module_names(model)
     factorize = None
     if settings.method.startswith("armor-"):
@@ -528,9 +552,12 @@ def compress_model(
 
     # inputs of the first block still to do: captured (cheap: embeddings only), or the saved hidden states
     batches = capture_block_inputs(model, blocks, windows, settings.batch_size, layout.kind == "causal")
+    batches = to_device(batches, device)
     start_block = state["finished_blocks"]
     if start_block > 0:
-        saved = torch.load(os.path.join(progress_dir, f"hidden-{start_block:05d}.pt"), weights_only=True)
+        saved = torch.load(
+            os.path.join(progress_dir, f"hidden-{start_block:05d}.pt"), weights_only=True, map_location=device
+        )
         batches = [(h, kw) for h, (_, kw) in zip(saved, batches, strict=True)]
 
     written: set[str] = set()
@@ -544,6 +571,7 @@ def compress_model(
         block = blocks[i]
         block_prefix = names[id(block)]
         t_block, cpu_block = time.perf_counter(), time.process_time()
+        load_block(model, block, locations, device)
         bar_layers = _progress(n_linears, f"block {i}", 1, not (progress and writer))
         results: dict[str, LinearResult] = {}
         for group in layout.groups:
@@ -553,10 +581,10 @@ def compress_model(
                 owner = j % world
                 mine = None
                 if owner == rank:
-                    W = linears[rel].weight.detach().to(torch.float64).numpy()
+                    W = linears[rel].weight.detach().cpu().to(torch.float64).numpy()
                     mine = compress_linear(W, grams[rel], settings, factorize)
                 result = share_result(mine, owner, world)
-                linears[rel].weight.data.copy_(torch.from_numpy(result.W_hat()).to(linears[rel].weight.dtype))
+                linears[rel].weight.data.copy_(torch.from_numpy(result.W_hat()))
                 results[rel] = result
                 bar_layers.set_postfix_str(f"{rel} rel.err {result.report['relative_output_error']:.4f}")
                 bar_layers.update(1)
@@ -575,7 +603,7 @@ def compress_model(
                 shard, os.path.join(out_dir, block_shard_name(i)), shard_metadata(settings, _proxy_of(settings))
             )
             if i + 1 < len(blocks):
-                atomic_torch_save([h for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
+                atomic_torch_save([h.cpu() for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
             state["finished_blocks"] = i + 1
             state["layers"].extend(layer_reports)
             state["blocks"].append(
@@ -586,6 +614,7 @@ def compress_model(
             if os.path.exists(old):
                 os.remove(old)
         written.update(_names_in_block(model, block, names, locations, layout))
+        release_block(block)
         bar_blocks.update(1)
         if world > 1:
             import torch.distributed as dist

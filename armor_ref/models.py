@@ -221,6 +221,76 @@ def load_dense_model(model_dir: str) -> tuple[Any, Layout]:
     return model, layout
 
 
+def load_model_skeleton(model_dir: str) -> tuple[Any, Layout, dict[str, str]]:
+    """The model with **no block weights in memory**, for streaming one block at a time (:func:`load_block`).
+
+    The model is built on the ``meta`` device (no storage). Everything outside the blocks (embeddings, final norm,
+    head, rotary tables) is then materialised on the CPU in float32: parameters read from the checkpoint, buffers
+    recomputed by transformers' own initialiser. Parameters outside the blocks that the checkpoint lacks (a tied
+    LM head) stay on ``meta``; nothing before the first block needs them. Returns ``(model, layout, locations)``
+    with ``locations`` the checkpoint's tensor name -> file map.
+    """
+    config = read_config(model_dir)
+    layout = layout_of(config)
+    locations = tensor_locations(model_dir)
+    torch = require_torch()
+    _offline()
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"):
+            model = model_class(layout).from_config(hf_config, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report one line
+        raise ModelError(f"cannot build {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    in_blocks = {id(m) for block in blocks_of(model, layout) for m in block.modules()}
+    outside = [(name, m) for name, m in model.named_modules() if id(m) not in in_blocks]
+    _materialise(model, outside, locations, "cpu", required=False)
+    return model, layout, locations
+
+
+def load_block(model: Any, block: Any, locations: dict[str, str], device: str) -> None:
+    """Read one block's weights from the checkpoint onto ``device`` (float32), in place of its ``meta`` tensors."""
+    prefix = module_names(model)[id(block)]
+    _materialise(model, [(f"{prefix}.{n}" if n else prefix, m) for n, m in block.named_modules()], locations, device)
+
+
+def release_block(block: Any) -> None:
+    """Drop a block's storage (back to ``meta``): at most one block is in memory at a time."""
+    block.to("meta")
+
+
+def _materialise(
+    model: Any, modules: list[tuple[str, Any]], locations: dict[str, str], device: str, required: bool = True
+) -> None:
+    """Give ``modules`` (qualified name, module; not recursed into) real tensors on ``device``: own buffers
+    recomputed by the model's initialiser, own parameters read from the checkpoint. ``required``: a parameter
+    missing from the checkpoint is an error (else it stays on ``meta``)."""
+    torch = require_torch()
+    from safetensors import safe_open
+
+    for qualified, module in modules:
+        if any(b is not None for b in module.buffers(recurse=False)):
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None:
+                    setattr(module, name, torch.empty_like(buf, device=device))  # keeps its persistence flag
+            with torch.no_grad():
+                model._init_weights(module)  # transformers recomputes rotary tables, position ids, ...
+        for name, param in list(module.named_parameters(recurse=False)):
+            full = f"{qualified}.{name}" if qualified else name
+            ck = checkpoint_name(full, locations)
+            if ck is None:
+                if required:
+                    raise ModelError(f"the checkpoint lacks {full}")
+                continue
+            with safe_open(locations[ck], framework="pt") as fh:
+                value = fh.get_tensor(ck).to(device=device, dtype=torch.float32)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ModelError(f"{ck} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}")
+            setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+
+
 def load_tokenizer(model_dir: str) -> Any:
     """The directory's tokenizer (fast when available), offline."""
     require_torch()

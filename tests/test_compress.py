@@ -197,6 +197,32 @@ def test_plain_2of4_methods_are_written_with_identity_factors(workdir):
     assert json.load(open(out / "model.safetensors.index.json"))["metadata"]["proxy"] == "none"
 
 
+def test_only_one_block_is_in_memory_at_a_time(workdir, monkeypatch):
+    """Streaming: when a block's weights are read, every other block is still (or again) on ``meta``; blocks are
+    read in order, once each."""
+    import armor_ref.compress as compress
+    from armor_ref.models import load_block
+
+    loaded = []
+
+    def checked_load_block(model, block, locations, device):
+        blocks = model.model.layers
+        others = [j for j, b in enumerate(blocks) if b is not block and not all(p.is_meta for p in b.parameters())]
+        assert others == [], f"blocks {others} still in memory"
+        loaded.append(next(j for j, b in enumerate(blocks) if b is block))
+        load_block(model, block, locations, device)
+
+    monkeypatch.setattr(compress, "load_block", checked_load_block)
+    report = compress_model(
+        str(workdir / "llama"),
+        str(workdir / "llama-wanda-streamed"),
+        str(workdir / "calib.txt"),
+        CompressSettings(method="wanda", **FAST),
+        progress=False,
+    )
+    assert loaded == [0, 1] and report["linears"] == 2 * 7
+
+
 def test_encoder_evaluation_compares_with_the_dense_model(workdir, bert_hessian):
     from armor_ref.evaluate import evaluate_model
 

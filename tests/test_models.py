@@ -23,7 +23,12 @@ from armor_ref.models import (  # noqa: E402
     blocks_of,
     checkpoint_name,
     layout_of,
+    load_block,
+    load_dense_model,
+    load_model_skeleton,
+    module_names,
     read_config,
+    release_block,
     tensor_locations,
     weight_files,
 )
@@ -152,6 +157,48 @@ def test_blocks_are_found_in_both_tiny_models(tmp_path):
             for part in rel.split("."):
                 module = getattr(module, part)
             assert isinstance(module, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_streamed_model_equals_the_fully_loaded_one_block_by_block(tmp_path, kind):
+    """The skeleton holds no block weight; loading its blocks one by one rebuilds every tensor of
+    ``from_pretrained``'s model exactly (recomputed buffers such as rotary tables and position ids included), and
+    releasing a block frees it again."""
+    d = make_tiny_model(kind, str(tmp_path / kind), layers=3, shards=kind == "llama")
+    dense, layout = load_dense_model(d)
+    expected = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
+    model, _, locations = load_model_skeleton(d)
+    blocks = blocks_of(model, layout)
+    assert all(p.is_meta for p in blocks.parameters())
+    outside = [n for n, p in model.named_parameters() if not p.is_meta]
+    assert outside and not any(n.startswith(("encoder.layer", "model.layers")) for n in outside)
+    names = module_names(model)
+    for block in blocks:
+        load_block(model, block, locations, "cpu")
+        for name, t in list(block.named_parameters()) + list(block.named_buffers()):
+            assert torch.equal(t, expected[f"{names[id(block)]}.{name}"]), name
+        assert sum(not p.is_meta for b in blocks for p in b.parameters()) == len(list(block.parameters()))
+        release_block(block)
+        assert all(p.is_meta for p in block.parameters())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_meta:
+            assert torch.equal(t, expected[name]), name
+
+
+def test_a_checkpoint_missing_a_block_tensor_fails_when_its_block_is_loaded(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = make_tiny_model("bert", str(tmp_path / "bert"))
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    victim = next(n for n in tensors if "layer.1.output.dense.weight" in n)
+    del tensors[victim]
+    save_file(tensors, path, metadata={"format": "pt"})
+    model, layout, locations = load_model_skeleton(d)
+    blocks = blocks_of(model, layout)
+    load_block(model, blocks[0], locations, "cpu")
+    with pytest.raises(ModelError, match="the checkpoint lacks .*layer.1.output.dense.weight"):
+        load_block(model, blocks[1], locations, "cpu")
 
 
 def test_armor_linear_matches_dense_reconstruction():
