@@ -306,35 +306,37 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
-    """A safetensors file as bytes, deterministic: tensors in name order and a header with sorted keys (the
-    ``safetensors`` writer orders its metadata by hash, so identical content could give different bytes, which
-    ``--resume``'s bitwise guarantee cannot accept)."""
+def atomic_save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file and ``os.replace`` (never a half-written shard).
+
+    Deterministic bytes: tensors in name order and a header with sorted keys (the ``safetensors`` writer orders
+    its metadata by hash, so identical content could give different bytes, which ``--resume``'s bitwise guarantee
+    cannot accept). Tensors are written one at a time, so the file is never assembled in memory."""
     torch = require_torch()
+
+    def as_cpu(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return t.detach().cpu().contiguous()
+        return torch.from_numpy(np.ascontiguousarray(t))
+
+    tensors = {name: as_cpu(t) for name, t in tensors.items()}  # numpy arrays are shared, not copied
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks = []
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
-        t = t.detach().cpu().contiguous() if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[str(t.dtype)],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(t.dtype)], "shape": list(t.shape)}
+        header[name]["data_offsets"] = [offset, offset + nbytes]
+        offset += nbytes
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
-
-
-def atomic_save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file and ``os.replace`` (never a half-written shard)."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
-        fh.write(safetensors_bytes(tensors, metadata))
+        fh.write(len(head).to_bytes(8, "little") + head)
+        for name in sorted(tensors):
+            t = tensors[name]
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

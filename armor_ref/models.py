@@ -24,6 +24,7 @@ package imports without them.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -225,10 +226,10 @@ def load_model_skeleton(model_dir: str) -> tuple[Any, Layout, dict[str, str]]:
     """The model with **no block weights in memory**, for streaming one block at a time (:func:`load_block`).
 
     The model is built on the ``meta`` device (no storage). Everything outside the blocks (embeddings, final norm,
-    head, rotary tables) is then materialised on the CPU in float32: parameters read from the checkpoint, buffers
-    recomputed by transformers' own initialiser. Parameters outside the blocks that the checkpoint lacks (a tied
-    LM head) stay on ``meta``; nothing before the first block needs them. Returns ``(model, layout, locations)``
-    with ``locations`` the checkpoint's tensor name -> file map.
+    rotary tables, pooler) is then materialised on the CPU in float32: parameters read from the checkpoint,
+    buffers recomputed by transformers' own initialiser. The LM head (output embeddings, as large as the input
+    embeddings) and parameters the checkpoint lacks stay on ``meta``: nothing before the first block needs them.
+    Returns ``(model, layout, locations)`` with ``locations`` the checkpoint's tensor name -> file map.
     """
     config = read_config(model_dir)
     layout = layout_of(config)
@@ -245,6 +246,9 @@ def load_model_skeleton(model_dir: str) -> tuple[Any, Layout, dict[str, str]]:
         raise ModelError(f"cannot build {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
     model.eval()
     in_blocks = {id(m) for block in blocks_of(model, layout) for m in block.modules()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        in_blocks.add(id(head))
     outside = [(name, m) for name, m in model.named_modules() if id(m) not in in_blocks]
     _materialise(model, outside, locations, "cpu", required=False)
     return model, layout, locations
@@ -257,8 +261,15 @@ def load_block(model: Any, block: Any, locations: dict[str, str], device: str) -
 
 
 def release_block(block: Any) -> None:
-    """Drop a block's storage (back to ``meta``): at most one block is in memory at a time."""
+    """Drop a block's storage (back to ``meta``): at most one block is in memory at a time.
+
+    glibc keeps freed heap memory for reuse, so without ``malloc_trim`` the resident size would still creep up
+    block by block (measured: about 30 MB per 1024-wide Llama block); elsewhere the trim is skipped."""
     block.to("meta")
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _materialise(
