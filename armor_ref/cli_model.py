@@ -49,8 +49,18 @@ def _init_distributed(device: str) -> None:
 @click.option("--calib-text", required=True, type=click.Path(dir_okay=False), help="Calibration text file.")
 @click.option("--nsamples", default=64, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", default=128, show_default=True, help="Tokens per calibration window.")
-@click.option("--backend", default="numpy", show_default=True, help="Factorization backend (backends/).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--backend",
+    default="numpy",
+    show_default=True,
+    help="Factorization backend: numpy (the reference, CPU), torch (CPU or CUDA), cupy (CUDA).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where each block runs (forward passes, Gram matrices) and where torch/cupy factorize: cpu, cuda, cuda:1.",
+)
 @click.option("--block-size", default=32, show_default=True, help="ARMOR block size b.")
 @click.option("--sweeps", type=int, default=None, help="BCD sweeps per layer [default: 30 nowag / 20 hessian].")
 @click.option("--seed", default=0, show_default=True)
@@ -73,7 +83,21 @@ def compress(
     resume: bool,
     quiet: bool,
 ) -> None:
-    """Compress every transformer-block linear of MODEL_DIR (a Hugging Face directory) block by block."""
+    """Compress every transformer-block linear of MODEL_DIR (a Hugging Face directory) block by block.
+
+    Only one block's weights are in memory at a time: the model is built without weights, each block is read
+    from the checkpoint shards onto --device when its turn comes, its linears are compressed in forward order
+    (each group calibrated on the outputs of the groups already compressed), its shard is written, and it is
+    released. Embeddings, norms and the LM head are copied unchanged.
+
+    \b
+    Example (BERT-style encoder, about 10 minutes on 2 CPU cores):
+      armor-ref compress ./all-MiniLM-L6-v2 -o ./minilm-armor --calib-text calib.txt
+    Several processes, the linears of each block shared among them:
+      torchrun --nproc_per_node 2 -m armor_ref.cli_model compress MODEL_DIR -o OUT --calib-text calib.txt
+
+    An interrupted run continues with --resume (same settings), bit for bit as if never stopped.
+    """
     from .compress import compress_model
 
     settings = CompressSettings(

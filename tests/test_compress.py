@@ -297,6 +297,9 @@ def test_cli_bad_inputs_fail_with_one_line_and_write_nothing(workdir, tmp_path):
         ([str(tmp_path / "gpt2"), "--calib-text", calib], "unsupported architecture"),
         ([str(workdir / "bert"), "--calib-text", str(tmp_path / "nope.txt")], "calibration text"),
     ]
+    if not torch.cuda.is_available():
+        no_gpu = [str(workdir / "bert"), "--calib-text", calib, "--device", "cuda"]
+        cases.append((no_gpu, "device 'cuda' is not usable"))
     for args, message in cases:
         out = tmp_path / "out"
         result = run_cli("compress", *args, "-o", str(out), "--method", "wanda")
