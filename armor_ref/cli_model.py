@@ -140,6 +140,14 @@ def compress(
 @click.option("--stride", default=128, show_default=True, help="Perplexity window stride (causal LMs).")
 @click.option("--max-passages", default=256, show_default=True, help="Passages evaluated (encoders).")
 @click.option("--max-tokens", type=int, default=None, help="Cap on the evaluated tokens (causal LMs).")
+@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:1.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype; float16/bfloat16 on CUDA runs the 2:4 cores on the semi-structured sparse kernels.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(
     model_dir: str,
@@ -149,6 +157,8 @@ def evaluate(
     stride: int,
     max_passages: int,
     max_tokens: int | None,
+    device: str,
+    dtype: str,
     as_json: bool,
 ) -> None:
     """Evaluate MODEL_DIR (dense or compressed): perplexity (causal LMs) or embedding cosine to the reference
@@ -156,7 +166,17 @@ def evaluate(
     from .evaluate import EvaluationError, evaluate_model
 
     try:
-        result = evaluate_model(model_dir, text_file, reference_dir, max_length, stride, max_passages, max_tokens)
+        result = evaluate_model(
+            model_dir,
+            text_file,
+            reference_dir,
+            max_length,
+            stride,
+            max_passages,
+            max_tokens,
+            device=device,
+            dtype=dtype,
+        )
     except (ModelError, EvaluationError) as exc:
         _fail(str(exc))
         return

@@ -58,6 +58,7 @@ from .models import (
     module_names,
     read_config,
     release_block,
+    require_device,
     require_torch,
     tensor_locations,
 )
@@ -483,14 +484,7 @@ def validate_inputs(
         raise CompressionError(f"{out_dir!r} exists and is not a directory")
     if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CompressionError(f"output directory {out_dir!r} is not empty; pass --resume to continue it")
-    if settings.device != "cpu":
-        torch = require_torch()
-        try:
-            torch.empty(0, device=settings.device)
-        except (RuntimeError, AssertionError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            message = f"device {settings.device!r} is not usable here ({reason}); try --device cpu"
-            raise CompressionError(message) from None
+    require_device(settings.device)
     if settings.method.startswith("armor-"):
         from backends import BackendUnavailable, get_factorize
 

@@ -72,9 +72,10 @@ def sentence_embeddings(
                 max_length=max_length,
                 return_tensors="pt",
             )
-            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).double().numpy())
+            ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+            mask = mask.unsqueeze(-1).double()
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
@@ -140,7 +141,7 @@ def perplexity(
         for begin in range(0, len(ids), stride):
             end = min(begin + max_length, len(ids))
             target_len = end - prev_end  # tokens not scored yet
-            window = ids[begin:end].unsqueeze(0)
+            window = ids[begin:end].unsqueeze(0).to(model.device)
             logits = model(input_ids=window).logits[0].double()
             targets = window[0, 1:]
             losses = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
@@ -163,8 +164,11 @@ def evaluate_model(
     max_passages: int = 256,
     max_tokens: int | None = None,
     reference_cache: dict | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
-    """Evaluate a dense or compressed directory; the reference (dense) directory is optional.
+    """Evaluate a dense or compressed directory; the reference (dense) directory is optional. Both models run on
+    ``device`` in ``dtype`` (on CUDA in float16/bfloat16 the 2:4 cores use the semi-structured sparse kernels).
 
     ``reference_cache``: a dict kept by the caller across calls; the reference model's passage embeddings are
     stored there and reused (encoders), so evaluating several compressed models runs the reference once."""
@@ -174,14 +178,14 @@ def evaluate_model(
         ref_config = read_config(reference_dir)
         if ref_config.get("model_type") != config.get("model_type"):
             raise EvaluationError("the reference model has a different architecture")
-    model, layout = load_model(model_dir)
+    model, layout = load_model(model_dir, device, dtype)
     tokenizer = load_tokenizer(model_dir)
     cache_key = (os.path.abspath(reference_dir), text_file, max_passages) if reference_dir is not None else None
     reference: Any = None
     if reference_cache is not None and cache_key in reference_cache:
         reference = reference_cache[cache_key]
     elif reference_dir is not None:
-        reference = load_model(reference_dir)[0]
+        reference = load_model(reference_dir, device, dtype)[0]
     result: dict[str, Any] = {
         "model_dir": os.path.abspath(model_dir),
         "kind": layout.kind,

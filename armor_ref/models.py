@@ -189,6 +189,16 @@ def require_torch() -> Any:
     return torch
 
 
+def require_device(device: str) -> None:
+    """:class:`ModelError` (one line) unless torch can allocate on ``device`` here."""
+    torch = require_torch()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"device {device!r} is not usable here ({reason}); try --device cpu") from None
+
+
 def _offline() -> None:
     """Never download; keep transformers' own progress bars off our stderr."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -356,106 +366,40 @@ def checkpoint_name(param_name: str, checkpoint_names: set[str] | dict[str, str]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Compressed directories: the ArmorLinear module
+# Compressed directories
 # ----------------------------------------------------------------------------------------------------------
-_ARMOR_LINEAR_CLASS: Any = None
-
-
-def armor_linear_class() -> Any:
-    """The ``ArmorLinear`` torch module class (created on first use so that importing this module needs no
-    torch). ``y = A (S (B x)) + bias`` with ``A`` (R, b, b), ``B`` (K, b, b) block-diagonal factors and the 2:4
-    core ``S`` kept dense on the CPU (simple and exact; fast 2:4 GPU kernels live in ``backends/``)."""
-    global _ARMOR_LINEAR_CLASS
-    if _ARMOR_LINEAR_CLASS is not None:
-        return _ARMOR_LINEAR_CLASS
-    torch = require_torch()
-
-    class ArmorLinear(torch.nn.Module):
-        """A linear layer stored as ARMOR factors: ``Ŵ = blockdiag(A) · S · blockdiag(B)``."""
-
-        def __init__(self, A: Any, B: Any, S: Any, bias: Any | None) -> None:
-            super().__init__()
-            self.register_buffer("A", A.contiguous())
-            self.register_buffer("B", B.contiguous())
-            self.register_buffer("S", S.contiguous())
-            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-            self.out_features, self.in_features = S.shape
-
-        def forward(self, x: Any) -> Any:
-            lead = x.shape[:-1]
-            K, b, _ = self.B.shape
-            R = self.A.shape[0]
-            h = x.reshape(-1, K, b).to(self.B.dtype)
-            h = torch.einsum("nkj,kij->nki", h, self.B).reshape(-1, K * b)  # B x, block by block
-            h = h @ self.S.T  # S (B x)
-            h = torch.einsum("nrj,rij->nri", h.reshape(-1, R, b), self.A).reshape(*lead, R * b)  # A (S B x)
-            if self.bias is not None:
-                h = h + self.bias
-            return h.to(x.dtype)
-
-        @property
-        def weight(self) -> Any:
-            """The dense reconstruction ``Ŵ`` (some model code reads ``.weight.dtype``/``.device``)."""
-            return self.dense_weight()
-
-        def dense_weight(self) -> Any:
-            R, b, _ = self.A.shape
-            K = self.B.shape[0]
-            SB = torch.einsum("okj,kji->oki", self.S.reshape(-1, K, b), self.B).reshape(-1, K * b)
-            return torch.einsum("rij,rjn->rin", self.A, SB.reshape(R, b, -1)).reshape(R * b, -1)
-
-        def extra_repr(self) -> str:
-            return (
-                f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"block_size={self.A.shape[1]}, bias={self.bias is not None}"
-            )
-
-    _ARMOR_LINEAR_CLASS = ArmorLinear
-    return ArmorLinear
-
-
-def make_armor_linear(A: Any, B: Any, values: Any, index: Any, bias: Any | None = None) -> Any:
-    """An ``ArmorLinear`` (float32) from spec §6 tensors (NumPy arrays or torch tensors)."""
-    import numpy as np
-
-    from .masks import unpack_2of4
-
-    torch = require_torch()
-
-    def as_np(t: Any) -> np.ndarray:
-        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
-
-    core, _ = unpack_2of4(as_np(values).astype(np.float32), as_np(index).astype(np.uint8))
-
-    def as_t(a: Any) -> Any:
-        return torch.from_numpy(np.ascontiguousarray(as_np(a), dtype=np.float32))
-
-    return armor_linear_class()(as_t(A), as_t(B), as_t(core), None if bias is None else as_t(bias))
-
-
 def is_armor_directory(model_dir: str) -> bool:
     """True when the directory's weights hold spec §6 (``*.armor.*``) tensors."""
     return any(".armor." in name for name in tensor_locations(model_dir))
 
 
-def load_model(model_dir: str) -> tuple[Any, Layout]:
+def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Layout]:
     """Load a dense checkpoint, or a compressed (ARMOR) directory as the same transformers model class whose
-    factorized linears are ``ArmorLinear`` modules. Float32, eval mode, offline."""
+    factorized linears are :class:`backends.torch.inference.ArmorLinear` modules (``y = A (S (B x)) + bias``):
+    dense 2:4 cores on the CPU, semi-structured 2:4 cores (cuSPARSELt/CUTLASS) on a CUDA ``device`` in
+    ``float16``/``bfloat16``. Eval mode, offline."""
+    torch = require_torch()
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    require_device(device)
     config = read_config(model_dir)
     layout = layout_of(config)
     locations = tensor_locations(model_dir)
     if not any(".armor." in name for name in locations):
-        return load_dense_model(model_dir)
-    torch = require_torch()
+        model, layout = load_dense_model(model_dir)
+        return model.to(device=device, dtype=torch_dtype), layout
     _offline()
     import transformers
     from safetensors import safe_open
+
+    from backends.torch.inference import ArmorLinear
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot read the config of {model_dir!r}: {str(exc).splitlines()[0]}") from None
-    model = model_class(layout).from_config(hf_config, dtype=torch.float32)
+    model = model_class(layout).from_config(hf_config, dtype=torch_dtype).to(device)
     model.eval()
 
     def tensor(name: str) -> Any:
@@ -472,12 +416,14 @@ def load_model(model_dir: str) -> tuple[Any, Layout]:
             continue
         stem = ck.removesuffix(".weight")
         bias_name = checkpoint_name(f"{qualified}.bias", locations) if module.bias is not None else None
-        new = make_armor_linear(
+        new = ArmorLinear.from_file_tensors(
             tensor(f"{stem}.armor.A"),
             tensor(f"{stem}.armor.B"),
             tensor(f"{stem}.armor.values"),
             tensor(f"{stem}.armor.index"),
             tensor(bias_name) if bias_name else None,
+            dtype=torch_dtype,
+            device=device,
         )
         parent_name, _, child = qualified.rpartition(".")
         setattr(get_submodule(model, parent_name) if parent_name else model, child, new)
@@ -485,17 +431,13 @@ def load_model(model_dir: str) -> tuple[Any, Layout]:
     if replaced != set(stems):
         raise ModelError(f"{len(set(stems) - replaced)} factorized tensor(s) match no linear of the model")
 
-    state = {}
+    state = {}  # everything but the factors (biases of factorized linears included), copied onto device and dtype
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
-        if any(name.startswith(prefix) for prefix in ()):
-            continue
         ck = checkpoint_name(name, locations)
         if ck is not None and ".armor." not in ck:
             state[name] = tensor(ck).to(param.dtype)
-    missing, _ = model.load_state_dict(state, strict=False), None
-    unloaded = [
-        n for n in missing.missing_keys if not n.endswith((".A", ".B", ".S")) and not n.endswith("position_ids")
-    ]
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    unloaded = [n for n in missing if not n.endswith((".A", ".B", ".core")) and not n.endswith("position_ids")]
     if unloaded and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
         unloaded = [n for n in unloaded if not n.startswith("lm_head")]

@@ -106,7 +106,11 @@ def test_loaded_model_uses_armor_linears_equal_to_the_saved_factors(workdir, ber
         core.astype(np.float64),
         tensors[f"{stem}.armor.B"].astype(np.float64),
     )
-    np.testing.assert_allclose(query.dense_weight().numpy(), W_hat, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(query.to_dense().numpy(), W_hat, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, W_hat.shape[1])
+    with torch.no_grad():
+        y = query(x).double().numpy()
+    np.testing.assert_allclose(y, x.double().numpy() @ W_hat.T + tensors[f"{stem}.bias"], rtol=1e-4, atol=1e-5)
     dense, _ = load_dense_model(str(workdir / "bert"))
     ids = torch.randint(5, 60, (2, 24))
     with torch.no_grad():
@@ -264,6 +268,30 @@ def test_tiny_llama_end_to_end_compress_perplexity_generate(workdir):
     assert generated.shape == (1, 7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compressed_llama_on_cuda_float16_uses_semi_structured_cores(workdir):
+    """On a GPU the loaded model's 2:4 cores are semi-structured sparse tensors, and its perplexity matches the
+    float32 CPU model's."""
+    from armor_ref.evaluate import evaluate_model
+
+    out = workdir / "llama-cuda"
+    compress_model(
+        str(workdir / "llama"),
+        str(out),
+        str(workdir / "calib.txt"),
+        CompressSettings(method="armor-hessian", backend="torch", device="cuda", **FAST),
+        progress=False,
+    )
+    model, _ = load_model(str(out), device="cuda", dtype="float16")
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "ArmorLinear" and q.sparse and q.core.is_cuda
+    kwargs = {"max_length": 64, "stride": 32, "max_tokens": 600}
+    gpu = evaluate_model(str(out), str(workdir / "eval.txt"), device="cuda", dtype="float16", **kwargs)
+    cpu = evaluate_model(str(out), str(workdir / "eval.txt"), **kwargs)
+    assert gpu["tokens"] == cpu["tokens"]
+    assert abs(np.log(gpu["perplexity"]) - np.log(cpu["perplexity"])) < 0.02
+
+
 def test_sliding_window_perplexity_scores_every_token_once(workdir):
     from armor_ref.evaluate import perplexity
     from armor_ref.models import load_tokenizer
@@ -308,6 +336,10 @@ def test_cli_bad_inputs_fail_with_one_line_and_write_nothing(workdir, tmp_path):
         assert not out.exists()
     result = run_cli("eval", str(tmp_path / "missing"), "--text", calib)
     assert result.exit_code != 0 and "does not exist" in result.output
+    if not torch.cuda.is_available():
+        result = run_cli("eval", str(workdir / "bert"), "--text", calib, "--device", "cuda")
+        assert result.exit_code != 0 and "device 'cuda' is not usable" in result.output
+        assert "Traceback" not in result.output and result.output.count("\n") == 1
 
 
 def test_cli_compress_and_eval(workdir, tmp_path):

@@ -199,24 +199,3 @@ def test_a_checkpoint_missing_a_block_tensor_fails_when_its_block_is_loaded(tmp_
     load_block(model, blocks[0], locations, "cpu")
     with pytest.raises(ModelError, match="the checkpoint lacks .*layer.1.output.dense.weight"):
         load_block(model, blocks[1], locations, "cpu")
-
-
-def test_armor_linear_matches_dense_reconstruction():
-    from armor_ref.factorization import reconstruct
-    from armor_ref.masks import pack_2of4, select_2of4
-    from armor_ref.models import make_armor_linear
-
-    rng = np.random.default_rng(0)
-    d_out, d_in, b = 64, 32, 16
-    A = rng.standard_normal((d_out // b, b, b))
-    B = rng.standard_normal((d_in // b, b, b))
-    W = rng.standard_normal((d_out, d_in))
-    M = select_2of4(np.abs(W))
-    values, index = pack_2of4(W * M, M)
-    bias = rng.standard_normal(d_out)
-    layer = make_armor_linear(A, B, values, index, bias)
-    x = torch.from_numpy(rng.standard_normal((3, 5, d_in)).astype(np.float32))
-    expected = x.double().numpy() @ reconstruct(A, W * M, B).T + bias
-    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
-    assert layer.in_features == d_in and layer.out_features == d_out
-    np.testing.assert_allclose(layer.dense_weight().numpy(), reconstruct(A, W * M, B), rtol=1e-5, atol=1e-5)
