@@ -292,6 +292,31 @@ def test_compressed_llama_on_cuda_float16_uses_semi_structured_cores(workdir):
     assert abs(np.log(gpu["perplexity"]) - np.log(cpu["perplexity"])) < 0.02
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_llama_layout_variants_load_exactly_what_was_written(workdir, tmp_path, kind):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms, LM head tied to the embeddings), Mistral: a magnitude-pruned
+    directory loads as a model whose logits equal the dense model's with every block linear's weight replaced by
+    its stored 2:4 core (``A = B = I`` for a baseline); biases, norms and the tied head come through unchanged."""
+    d = make_tiny_model(kind, str(tmp_path / kind))
+    out = tmp_path / "out"
+    settings = CompressSettings(method="magnitude", **FAST)
+    report = compress_model(d, str(out), str(workdir / "calib.txt"), settings, progress=False)
+    assert report["linears"] == 2 * 7
+    tensors = all_tensors(out)
+    dense, _ = load_dense_model(d)
+    stems = sorted({name.split(".armor.")[0] for name in tensors if ".armor." in name})
+    assert len(stems) == 2 * 7
+    modules = dict(dense.named_modules())
+    for stem in stems:
+        core, _ = unpack_2of4(tensors[f"{stem}.armor.values"], tensors[f"{stem}.armor.index"])
+        modules[stem].weight.data.copy_(torch.from_numpy(core))
+    model, _ = load_model(str(out))
+    ids = torch.randint(5, 60, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = dense(input_ids=ids).logits, model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_sliding_window_perplexity_scores_every_token_once(workdir):
     from armor_ref.evaluate import perplexity
     from armor_ref.models import load_tokenizer

@@ -71,10 +71,20 @@ def save_word_tokenizer(out_dir: str) -> None:
     fast.save_pretrained(out_dir)
 
 
+# Llama-layout architectures: Llama; Qwen2 (biases on q/k/v); Qwen3 (q/k norms, tied LM head); Mistral
+CAUSAL_KINDS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
 def make_tiny_model(
     kind: str, out_dir: str, layers: int = 2, hidden: int = 64, seed: int = 0, shards: bool = False
 ) -> str:
-    """Save a random tiny ``bert`` or ``llama`` checkpoint with its tokenizer to ``out_dir``; return it."""
+    """Save a random tiny ``bert`` or Llama-layout (:data:`CAUSAL_KINDS`) checkpoint with its tokenizer to
+    ``out_dir``; return it."""
     torch.manual_seed(seed)
     vocab = 128  # > the word-level tokenizer's vocabulary
     if kind == "bert":
@@ -87,18 +97,20 @@ def make_tiny_model(
             max_position_embeddings=128,
         )
         model = transformers.BertModel(config)
-    elif kind == "llama":
-        config = transformers.LlamaConfig(
+    elif kind in CAUSAL_KINDS:
+        config_class, model_class = CAUSAL_KINDS[kind]
+        config = getattr(transformers, config_class)(
             vocab_size=vocab,
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
+            head_dim=hidden // 4,
             intermediate_size=2 * hidden,
             max_position_embeddings=128,
-            tie_word_embeddings=False,
+            tie_word_embeddings=kind == "qwen3",  # Qwen3's small models tie the LM head to the embeddings
         )
-        model = transformers.LlamaForCausalLM(config)
+        model = getattr(transformers, model_class)(config)
     else:
         raise ValueError(kind)
     model.save_pretrained(out_dir, max_shard_size="100KB" if shards else "5GB")
