@@ -32,6 +32,10 @@ def _init_distributed(device: str) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device == "cuda":  # nccl's object broadcasts use the current device: this rank's own GPU
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
 
 
