@@ -69,6 +69,12 @@ def _init_distributed(device: str) -> None:
 @click.option("--sweeps", type=int, default=None, help="BCD sweeps per layer [default: 30 nowag / 20 hessian].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward pass.")
+@click.option(
+    "--lm-head",
+    is_flag=True,
+    help="Also compress the LM head (causal LMs), calibrated on the final normed hidden states of the compressed "
+    "model. Embeddings always stay dense: a lookup has no matmul for 2:4 to speed up.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT_DIR from its last finished block.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(
@@ -84,6 +90,7 @@ def compress(
     sweeps: int | None,
     seed: int,
     batch_size: int,
+    lm_head: bool,
     resume: bool,
     quiet: bool,
 ) -> None:
@@ -92,7 +99,7 @@ def compress(
     Only one block's weights are in memory at a time: the model is built without weights, each block is read
     from the checkpoint shards onto --device when its turn comes, its linears are compressed in forward order
     (each group calibrated on the outputs of the groups already compressed), its shard is written, and it is
-    released. Embeddings, norms and the LM head are copied unchanged.
+    released. Embeddings, norms and the LM head are copied unchanged (--lm-head compresses the head too).
 
     \b
     Example (BERT-style encoder, about 10 minutes on 2 CPU cores):
@@ -114,6 +121,7 @@ def compress(
         backend=backend,
         device=device,
         batch_size=batch_size,
+        lm_head=lm_head,
     )
     try:
         _init_distributed(device)

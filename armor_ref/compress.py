@@ -18,7 +18,9 @@ Pipeline (:func:`compress_model`):
    (:func:`armor_ref.models.release_block`): only one block's weights are ever in memory, which is what lets a
    model larger than the machine's memory be compressed.
 
-Embeddings, norms and the LM head are copied through unchanged. Every method writes the spec §6 layout
+Embeddings and norms are copied through unchanged, and so is the LM head unless ``lm_head`` is set: then, after
+the last block, the head is compressed on the final normed hidden states (its own shard; a tied head is untied in
+the output ``config.json``). Every method writes the spec §6 layout
 (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with ``A = B = I``, so every output loads
 the same way and file sizes compare fairly.
 
@@ -51,8 +53,10 @@ from .models import (
     blocks_of,
     checkpoint_name,
     copy_tokenizer_and_config,
+    get_submodule,
     layout_of,
     load_block,
+    load_lm_head,
     load_model_skeleton,
     load_tokenizer,
     module_names,
@@ -70,6 +74,7 @@ PROGRESS_DIR = ".armor-progress"
 STATE_FILE = "state.json"
 REPORT_FILE = "armor_report.json"
 REST_SHARD = "model-rest.safetensors"
+HEAD_SHARD = "model-lm-head.safetensors"
 
 
 def block_shard_name(i: int) -> str:
@@ -93,6 +98,7 @@ class CompressSettings:
     backend: str = "numpy"
     device: str = "cpu"
     batch_size: int = 8  # calibration sequences per forward pass
+    lm_head: bool = False  # also compress the LM head (causal LMs)
 
     def identity(self) -> dict[str, Any]:
         """The settings that must match for ``--resume`` (``device`` and ``batch_size`` do not change results
@@ -485,6 +491,15 @@ def validate_inputs(
     if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CompressionError(f"output directory {out_dir!r} is not empty; pass --resume to continue it")
     require_device(settings.device)
+    if settings.lm_head:
+        if layout.final_norm is None:
+            raise CompressionError(f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress")
+        vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
+        if vocab % settings.block_size or hidden % settings.block_size:
+            raise CompressionError(
+                f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {settings.block_size}; "
+                "leave the head dense or choose another --block-size"
+            )
     if settings.method.startswith("armor-"):
         from backends import BackendUnavailable, get_factorize
 
@@ -606,7 +621,7 @@ def compress_model(
             atomic_save_safetensors(
                 shard, os.path.join(out_dir, block_shard_name(i)), shard_metadata(settings, _proxy_of(settings))
             )
-            if i + 1 < len(blocks):
+            if i + 1 < len(blocks) or settings.lm_head:
                 atomic_torch_save([h.cpu() for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
             state["finished_blocks"] = i + 1
             state["layers"].extend(layer_reports)
@@ -627,6 +642,8 @@ def compress_model(
         if on_block_done is not None:
             on_block_done(i)
     bar_blocks.close()
+    if settings.lm_head:
+        written.add(_compress_lm_head(model, layout, locations, device, batches, settings, factorize, out_dir, state))
 
     report: dict[str, Any] = {}
     if writer:
@@ -649,6 +666,52 @@ def compress_model(
         atomic_write_json(report, os.path.join(out_dir, REPORT_FILE))
         shutil.rmtree(progress_dir, ignore_errors=True)
     return report
+
+
+def _compress_lm_head(
+    model: Any,
+    layout: Layout,
+    locations: dict[str, str],
+    device: str,
+    batches: list[tuple[Any, dict]],
+    settings: CompressSettings,
+    factorize: Callable | None,
+    out_dir: str,
+    state: dict[str, Any],
+) -> str:
+    """``--lm-head``: compress the LM head on the final normed hidden states of the compressed model, write it
+    to its own shard (rank 0) and untie it in the output ``config.json``. Returns the checkpoint name of the
+    head's weight (not copied to the rest shard)."""
+    torch = require_torch()
+    rank, world = dist_rank_world()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    head, name = load_lm_head(model, locations, device)
+    norm = get_submodule(model, layout.final_norm).to(device)
+    gram: Any = 0
+    with torch.no_grad():
+        for hidden, _ in batches:
+            x = norm(hidden).reshape(-1, hidden.shape[-1]).to(torch.float64)
+            gram = gram + x.T @ x
+    mine = None
+    if rank == 0:
+        W = head.weight.detach().cpu().to(torch.float64).numpy()
+        mine = compress_linear(W, gram.cpu().numpy(), settings, factorize)
+    result = share_result(mine, 0, world)
+    stem = (checkpoint_name(f"{name}.weight", locations) or f"{name}.weight").removesuffix(".weight")
+    if rank == 0:
+        metadata = shard_metadata(settings, _proxy_of(settings))
+        atomic_save_safetensors(armor_tensors(stem, result), os.path.join(out_dir, HEAD_SHARD), metadata)
+        config_path = os.path.join(out_dir, "config.json")
+        with open(config_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+        if config.get("tie_word_embeddings"):
+            atomic_write_json({**config, "tie_word_embeddings": False}, config_path)
+        state["layers"].append({"block": None, "name": name, "shape": list(result.S.shape), **result.report})
+        state["blocks"].append(
+            {"block": "lm_head", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
+        )
+    head.to("meta")
+    return f"{stem}.weight"
 
 
 def _proxy_of(settings: CompressSettings) -> str:
@@ -705,7 +768,8 @@ def _write_index(out_dir: str, n_blocks: int, settings: CompressSettings) -> Non
 
     weight_map = {}
     total = 0
-    for shard in [block_shard_name(i) for i in range(n_blocks)] + [REST_SHARD]:
+    head = [HEAD_SHARD] if settings.lm_head else []
+    for shard in [block_shard_name(i) for i in range(n_blocks)] + head + [REST_SHARD]:
         path = os.path.join(out_dir, shard)
         total += os.path.getsize(path)
         with safe_open(path, framework="pt") as fh:

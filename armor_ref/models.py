@@ -18,8 +18,8 @@ step  BERT                                               Llama layout
 4     output.dense                                       mlp.down_proj
 ====  =================================================  ==========================================
 
-Embeddings, norms and the LM head stay dense. ``torch``/``transformers`` are imported lazily: the rest of the
-package imports without them.
+Embeddings and norms stay dense, and so does the LM head unless asked. ``torch``/``transformers`` are imported
+lazily: the rest of the package imports without them.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Layout:
     kind: str  # "encoder" or "causal"
     blocks_path: str  # attribute path of the block list inside the loaded model
     groups: tuple[tuple[str, ...], ...]  # linears (relative to the block) per group, in forward order
+    final_norm: str | None = None  # causal LMs: the norm between the last block and the LM head
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -87,6 +88,7 @@ LLAMA_LAYOUT = Layout(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    final_norm="model.norm",
 )
 LAYOUTS: dict[str, Layout] = {
     "bert": BERT_LAYOUT,
@@ -268,6 +270,20 @@ def load_block(model: Any, block: Any, locations: dict[str, str], device: str) -
     """Read one block's weights from the checkpoint onto ``device`` (float32), in place of its ``meta`` tensors."""
     prefix = module_names(model)[id(block)]
     _materialise(model, [(f"{prefix}.{n}" if n else prefix, m) for n, m in block.named_modules()], locations, device)
+
+
+def load_lm_head(model: Any, locations: dict[str, str], device: str) -> tuple[Any, str]:
+    """The LM head (``nn.Linear``) with its weight read onto ``device`` (float32), and its qualified name. A head
+    tied to the input embeddings (no weight of its own in the checkpoint) gets a copy of the embeddings."""
+    torch = require_torch()
+    head = model.get_output_embeddings()
+    name = module_names(model)[id(head)]
+    if checkpoint_name(f"{name}.weight", locations) is None:
+        tied = model.get_input_embeddings().weight.detach().to(device=device, dtype=torch.float32).clone()
+        head.weight = torch.nn.Parameter(tied, requires_grad=False)
+    else:
+        _materialise(model, [(name, head)], locations, device)
+    return head, name
 
 
 def release_block(block: Any) -> None:

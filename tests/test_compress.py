@@ -317,6 +317,57 @@ def test_llama_layout_variants_load_exactly_what_was_written(workdir, tmp_path, 
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_lm_head_is_compressed_when_asked_and_resumes_exactly(workdir, tmp_path):
+    """``lm_head=True`` on a tied-head Qwen3: the head is factorized (its ARMOR loss at most its SparseGPT start's)
+    on the final normed hidden states, the output config unties it, the embeddings stay as they were, and the
+    loaded model's logits equal the dense model's with every factorized weight replaced by its stored ``Ŵ``. A run
+    interrupted after the last block (before the head) resumes to the same bytes."""
+    d = make_tiny_model("qwen3", str(tmp_path / "qwen3"))
+    settings = CompressSettings(method="armor-hessian", lm_head=True, **FAST)
+    out = tmp_path / "out"
+    report = compress_model(d, str(out), str(workdir / "calib.txt"), settings, progress=False)
+    head = report["layers"][-1]
+    assert report["linears"] == 2 * 7 + 1 and head["name"] == "lm_head" and head["block"] is None
+    assert head["loss"] <= head["baseline_loss"] * (1 + 1e-9)
+    assert json.load(open(out / "config.json"))["tie_word_embeddings"] is False
+    tensors = all_tensors(out)
+    dense, _ = load_dense_model(d)
+    embeddings = dense.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], embeddings)
+    modules = dict(dense.named_modules())
+    dense.lm_head.weight = torch.nn.Parameter(dense.lm_head.weight.detach().clone())  # untie before replacing
+    stems = sorted({name.split(".armor.")[0] for name in tensors if ".armor." in name})
+    assert "lm_head" in stems and len(stems) == 2 * 7 + 1
+    for stem in stems:
+        core, _ = unpack_2of4(tensors[f"{stem}.armor.values"], tensors[f"{stem}.armor.index"])
+        W_hat = reconstruct(tensors[f"{stem}.armor.A"], core, tensors[f"{stem}.armor.B"])
+        modules[stem].weight.data.copy_(torch.from_numpy(W_hat))
+    model, _ = load_model(str(out))
+    ids = torch.randint(5, 60, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_last_block(i: int) -> None:
+        if i == 1:
+            raise Interrupted
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        compress_model(
+            d, str(resumed), str(workdir / "calib.txt"), settings, on_block_done=stop_after_last_block, progress=False
+        )
+    seen = []
+    compress_model(
+        d, str(resumed), str(workdir / "calib.txt"), settings, resume=True, on_block_done=seen.append, progress=False
+    )
+    assert seen == []  # no block recomputed, only the head
+    for name in sorted(f for f in os.listdir(out) if f.endswith((".safetensors", ".json")) and "report" not in f):
+        assert (out / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
 def test_sliding_window_perplexity_scores_every_token_once(workdir):
     from armor_ref.evaluate import perplexity
     from armor_ref.models import load_tokenizer
@@ -350,6 +401,7 @@ def test_cli_bad_inputs_fail_with_one_line_and_write_nothing(workdir, tmp_path):
         ([str(tmp_path / "gpt2"), "--calib-text", calib], "unsupported architecture"),
         ([str(workdir / "bert"), "--calib-text", str(tmp_path / "nope.txt")], "calibration text"),
     ]
+    cases.append(([str(workdir / "bert"), "--calib-text", calib, "--lm-head"], "bert encoder has no LM head"))
     if not torch.cuda.is_available():
         no_gpu = [str(workdir / "bert"), "--calib-text", calib, "--device", "cuda"]
         cases.append((no_gpu, "device 'cuda' is not usable"))
