@@ -313,7 +313,7 @@ def _materialise(
                 if buf is not None:
                     setattr(module, name, torch.empty_like(buf, device=device))  # keeps its persistence flag
             with torch.no_grad():
-                model._init_weights(module)  # transformers recomputes rotary tables, position ids, ...
+                model._init_weights(module)  # transformers >= 5 recomputes rotary tables, position ids, ...
         for name, param in list(module.named_parameters(recurse=False)):
             full = f"{qualified}.{name}" if qualified else name
             ck = checkpoint_name(full, locations)
