@@ -60,6 +60,7 @@ from .models import (
     load_model_skeleton,
     load_tokenizer,
     module_names,
+    read_checkpoint_tensor,
     read_config,
     release_block,
     require_device,
@@ -391,13 +392,6 @@ def shard_metadata(settings: CompressSettings, proxy: str) -> dict[str, str]:
     }
 
 
-def read_checkpoint_tensor(locations: dict[str, str], name: str) -> Any:
-    from safetensors import safe_open
-
-    with safe_open(locations[name], framework="pt") as fh:
-        return fh.get_tensor(name)
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -594,7 +588,7 @@ def compress_model(
         bar_layers = _progress(n_linears, f"block {i}", 1, not (progress and writer))
         results: dict[str, LinearResult] = {}
         for group in layout.groups:
-            linears = {rel: _get(block, rel) for rel in group}
+            linears = {rel: get_submodule(block, rel) for rel in group}
             grams = accumulate_grams(block, linears, batches)
             for j, rel in enumerate(group):
                 owner = j % world
@@ -716,13 +710,6 @@ def _compress_lm_head(
 
 def _proxy_of(settings: CompressSettings) -> str:
     return settings.method.removeprefix("armor-") if settings.method.startswith("armor-") else "none"
-
-
-def _get(block: Any, rel: str) -> Any:
-    module = block
-    for part in rel.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _names_in_block(

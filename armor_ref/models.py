@@ -162,6 +162,14 @@ def tensor_locations(model_dir: str) -> dict[str, str]:
     return locations
 
 
+def read_checkpoint_tensor(locations: dict[str, str], name: str) -> Any:
+    """One tensor of the checkpoint (a torch tensor, its stored dtype), read from the file holding it."""
+    from safetensors import safe_open
+
+    with safe_open(locations[name], framework="pt") as fh:
+        return fh.get_tensor(name)
+
+
 def copy_tokenizer_and_config(model_dir: str, out_dir: str) -> list[str]:
     """Copy ``config.json`` and whatever tokenizer / sentence-transformers files exist (incl. pooling folders)."""
     copied = []
@@ -305,8 +313,6 @@ def _materialise(
     recomputed by the model's initialiser, own parameters read from the checkpoint. ``required``: a parameter
     missing from the checkpoint is an error (else it stays on ``meta``)."""
     torch = require_torch()
-    from safetensors import safe_open
-
     for qualified, module in modules:
         if any(b is not None for b in module.buffers(recurse=False)):
             for name, buf in list(module.named_buffers(recurse=False)):
@@ -321,8 +327,7 @@ def _materialise(
                 if required:
                     raise ModelError(f"the checkpoint lacks {full}")
                 continue
-            with safe_open(locations[ck], framework="pt") as fh:
-                value = fh.get_tensor(ck).to(device=device, dtype=torch.float32)
+            value = read_checkpoint_tensor(locations, ck).to(device=device, dtype=torch.float32)
             if tuple(value.shape) != tuple(param.shape):
                 raise ModelError(f"{ck} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}")
             setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
@@ -407,7 +412,6 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
         return model.to(device=device, dtype=torch_dtype), layout
     _offline()
     import transformers
-    from safetensors import safe_open
 
     from backends.torch.inference import ArmorLinear
 
@@ -417,10 +421,6 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
         raise ModelError(f"cannot read the config of {model_dir!r}: {str(exc).splitlines()[0]}") from None
     model = model_class(layout).from_config(hf_config, dtype=torch_dtype).to(device)
     model.eval()
-
-    def tensor(name: str) -> Any:
-        with safe_open(locations[name], framework="pt") as fh:
-            return fh.get_tensor(name)
 
     stems = sorted({name.split(".armor.")[0] for name in locations if ".armor." in name})
     replaced: set[str] = set()
@@ -433,11 +433,11 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
         stem = ck.removesuffix(".weight")
         bias_name = checkpoint_name(f"{qualified}.bias", locations) if module.bias is not None else None
         new = ArmorLinear.from_file_tensors(
-            tensor(f"{stem}.armor.A"),
-            tensor(f"{stem}.armor.B"),
-            tensor(f"{stem}.armor.values"),
-            tensor(f"{stem}.armor.index"),
-            tensor(bias_name) if bias_name else None,
+            read_checkpoint_tensor(locations, f"{stem}.armor.A"),
+            read_checkpoint_tensor(locations, f"{stem}.armor.B"),
+            read_checkpoint_tensor(locations, f"{stem}.armor.values"),
+            read_checkpoint_tensor(locations, f"{stem}.armor.index"),
+            read_checkpoint_tensor(locations, bias_name) if bias_name else None,
             dtype=torch_dtype,
             device=device,
         )
@@ -451,7 +451,7 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
         ck = checkpoint_name(name, locations)
         if ck is not None and ".armor." not in ck:
-            state[name] = tensor(ck).to(param.dtype)
+            state[name] = read_checkpoint_tensor(locations, ck).to(param.dtype)
     missing = model.load_state_dict(state, strict=False).missing_keys
     unloaded = [n for n in missing if not n.endswith((".A", ".B", ".core")) and not n.endswith("position_ids")]
     if unloaded and getattr(model.config, "tie_word_embeddings", False):
