@@ -56,8 +56,9 @@ def capture(names: list[str], tokens: int = TOKENS, seed: int = 0) -> dict[str, 
     texts = calibration_texts()
     with torch.no_grad():
         for start in range(0, len(texts), 32):
-            enc = tokenizer(texts[start : start + 32], padding=True, truncation=True, max_length=128,
-                            return_tensors="pt")
+            enc = tokenizer(
+                texts[start : start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            )
             mask[:] = [enc["attention_mask"].bool()]
             model(**enc)
             if sum(len(c) for c in captured[names[0]]) >= 2 * tokens:
@@ -86,10 +87,17 @@ def machine_info() -> dict:
         blas = [{k: i.get(k) for k in ("internal_api", "version", "num_threads")} for i in threadpool_info()]
     except ImportError:
         blas = []
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "torch_default_threads": torch.get_num_threads(),
-            "torch_backend_threads": 1, "numpy_thread_pools": blas,
-            "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torch_default_threads": torch.get_num_threads(),
+        "torch_backend_threads": 1,
+        "numpy_thread_pools": blas,
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def run_pair(W: np.ndarray, gram: np.ndarray, proxy: str, torch_first: bool) -> dict:
@@ -113,16 +121,23 @@ def run_pair(W: np.ndarray, gram: np.ndarray, proxy: str, torch_first: bool) -> 
         print(f"    {name:10s} {seconds[name]:8.2f} s  loss/baseline {ratio:.5f}", flush=True)
     ref = results["numpy"]
     pairs = zip(results["torch_f64"].trace, ref.trace, strict=False)
-    row = {"proxy": proxy, "order": order, "seconds": seconds, "sweeps": {k: r.sweeps for k, r in results.items()},
-           "loss_over_baseline": {k: r.loss / r.baseline_loss for k, r in results.items()},
-           "speedup_torch_f64": seconds["numpy"] / seconds["torch_f64"],
-           "speedup_torch_f32": seconds["numpy"] / seconds["torch_f32"],
-           "torch_f64_masks_equal": bool(np.array_equal(results["torch_f64"].M, ref.M)),
-           "torch_f64_max_rel_trace_diff": float(max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in pairs)),
-           "torch_f32_mask_agreement": float(np.mean(results["torch_f32"].M == ref.M))}
-    print(f"    speed-up torch f64 {row['speedup_torch_f64']:.2f}x, f32 {row['speedup_torch_f32']:.2f}x; "
-          f"f64 masks equal {row['torch_f64_masks_equal']}, trace diff {row['torch_f64_max_rel_trace_diff']:.1e}",
-          flush=True)
+    row = {
+        "proxy": proxy,
+        "order": order,
+        "seconds": seconds,
+        "sweeps": {k: r.sweeps for k, r in results.items()},
+        "loss_over_baseline": {k: r.loss / r.baseline_loss for k, r in results.items()},
+        "speedup_torch_f64": seconds["numpy"] / seconds["torch_f64"],
+        "speedup_torch_f32": seconds["numpy"] / seconds["torch_f32"],
+        "torch_f64_masks_equal": bool(np.array_equal(results["torch_f64"].M, ref.M)),
+        "torch_f64_max_rel_trace_diff": float(max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in pairs)),
+        "torch_f32_mask_agreement": float(np.mean(results["torch_f32"].M == ref.M)),
+    }
+    print(
+        f"    speed-up torch f64 {row['speedup_torch_f64']:.2f}x, f32 {row['speedup_torch_f32']:.2f}x; "
+        f"f64 masks equal {row['torch_f64_masks_equal']}, trace diff {row['torch_f64_max_rel_trace_diff']:.1e}",
+        flush=True,
+    )
     return row
 
 
@@ -134,8 +149,13 @@ def main() -> None:
     args = parser.parse_args()
     names = [LINEARS[k] for k in args.layers.split(",")]
     data = capture(names)
-    report = {"machine": machine_info(), "tokens": TOKENS, "data": "all-MiniLM-L6-v2 layer 2, pydoc_data.topics text",
-              "settings": "default (block 32; nowag 30 sweeps, hessian 20 sweeps)", "layers": []}
+    report = {
+        "machine": machine_info(),
+        "tokens": TOKENS,
+        "data": "all-MiniLM-L6-v2 layer 2, pydoc_data.topics text",
+        "settings": "default (block 32; nowag 30 sweeps, hessian 20 sweeps)",
+        "layers": [],
+    }
     flip = False
     for name in names:
         W, X = data[name]
@@ -151,9 +171,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in report["layers"]:
         s = r["seconds"]
-        print(f"| {r['layer'].split('.', 3)[-1]} | {r['shape'][0]}×{r['shape'][1]} | {r['proxy']} | {s['numpy']:.1f} | "
-              f"{s['torch_f64']:.1f} | {s['torch_f32']:.1f} | {r['speedup_torch_f64']:.2f}× | "
-              f"{r['speedup_torch_f32']:.2f}× |")
+        print(
+            f"| {r['layer'].split('.', 3)[-1]} | {r['shape'][0]}×{r['shape'][1]} | {r['proxy']} | {s['numpy']:.1f} | "
+            f"{s['torch_f64']:.1f} | {s['torch_f32']:.1f} | {r['speedup_torch_f64']:.2f}× | "
+            f"{r['speedup_torch_f32']:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def synthetic_gram(d_in: int, tokens: int, device: torch.device, seed: int = 0, 
     H = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
-        X = (torch.randn(n, rank, generator=g, device=device) @ U + torch.randn(n, d_in, generator=g, device=device))
+        X = torch.randn(n, rank, generator=g, device=device) @ U + torch.randn(n, d_in, generator=g, device=device)
         X *= scale
         H += (X.T @ X).double()
         del X
@@ -60,10 +60,16 @@ def synthetic_weight(d_out: int, d_in: int, seed: int = 1) -> np.ndarray:
 
 def gpu_info() -> dict:
     props = torch.cuda.get_device_properties(0)
-    return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-            "compute_capability": list(torch.cuda.get_device_capability(0)), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    return {
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "compute_capability": list(torch.cuda.get_device_capability(0)),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def run_shape(d_out: int, d_in: int, proxy: str, sweeps: int | None, device: torch.device) -> dict:
@@ -98,14 +104,27 @@ def run_shape(d_out: int, d_in: int, proxy: str, sweeps: int | None, device: tor
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
     within = next((t for _, t, loss in stamps if loss <= result.loss * 1.01), seconds)
-    row = {"shape": [d_out, d_in], "proxy": proxy, "tokens": SEQUENCES * SEQLEN, "gram_seconds": gram_seconds,
-           "sparsegpt_seconds": sparsegpt_seconds, "sparsegpt_peak_gib": sparsegpt_peak / 2**30,
-           "armor_seconds": seconds, "armor_seconds_to_within_1pct_of_final": within, "armor_peak_gib": peak / 2**30,
-           "sweeps": result.sweeps, "baseline_loss": result.baseline_loss, "loss": result.loss,
-           "loss_over_sparsegpt": result.loss / result.baseline_loss,
-           "trace": [{"sweep": s, "seconds": t, "loss": loss} for s, t, loss in stamps]}
-    print(f"  SparseGPT {sparsegpt_seconds:.1f} s; ARMOR {seconds:.1f} s (1 % of final at {within:.1f} s), "
-          f"peak {peak / 2**30:.1f} GiB, loss/SparseGPT {row['loss_over_sparsegpt']:.3f}", flush=True)
+    row = {
+        "shape": [d_out, d_in],
+        "proxy": proxy,
+        "tokens": SEQUENCES * SEQLEN,
+        "gram_seconds": gram_seconds,
+        "sparsegpt_seconds": sparsegpt_seconds,
+        "sparsegpt_peak_gib": sparsegpt_peak / 2**30,
+        "armor_seconds": seconds,
+        "armor_seconds_to_within_1pct_of_final": within,
+        "armor_peak_gib": peak / 2**30,
+        "sweeps": result.sweeps,
+        "baseline_loss": result.baseline_loss,
+        "loss": result.loss,
+        "loss_over_sparsegpt": result.loss / result.baseline_loss,
+        "trace": [{"sweep": s, "seconds": t, "loss": loss} for s, t, loss in stamps],
+    }
+    print(
+        f"  SparseGPT {sparsegpt_seconds:.1f} s; ARMOR {seconds:.1f} s (1 % of final at {within:.1f} s), "
+        f"peak {peak / 2**30:.1f} GiB, loss/SparseGPT {row['loss_over_sparsegpt']:.3f}",
+        flush=True,
+    )
     return row
 
 
@@ -120,8 +139,13 @@ def main() -> None:
         sys.exit("gpu_factorize.py needs an NVIDIA GPU with CUDA; none is visible to torch here")
     device = torch.device("cuda")
     calibration = f"{SEQUENCES}x{SEQLEN} synthetic LLM-like tokens (outlier channels)"
-    report = {"machine": gpu_info(), "calibration": calibration,
-              "weights": "synthetic Gaussian, log-normal row scales", "dtype": "float32", "layers": []}
+    report = {
+        "machine": gpu_info(),
+        "calibration": calibration,
+        "weights": "synthetic Gaussian, log-normal row scales",
+        "dtype": "float32",
+        "layers": [],
+    }
     for spec in args.shapes.split(","):
         d_out, d_in = (int(v) for v in spec.lower().split("x"))
         print(f"{d_out}x{d_in} {args.proxy}", flush=True)
@@ -132,9 +156,11 @@ def main() -> None:
     print("| shape | SparseGPT s | ARMOR s | within 1 % s | peak GiB | loss / SparseGPT |")
     print("|---|---|---|---|---|---|")
     for r in report["layers"]:
-        print(f"| {r['shape'][0]}×{r['shape'][1]} | {r['sparsegpt_seconds']:.1f} | {r['armor_seconds']:.1f} | "
-              f"{r['armor_seconds_to_within_1pct_of_final']:.1f} | {r['armor_peak_gib']:.1f} | "
-              f"{r['loss_over_sparsegpt']:.3f} |")
+        print(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {r['sparsegpt_seconds']:.1f} | {r['armor_seconds']:.1f} | "
+            f"{r['armor_seconds_to_within_1pct_of_final']:.1f} | {r['armor_peak_gib']:.1f} | "
+            f"{r['loss_over_sparsegpt']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

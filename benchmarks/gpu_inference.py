@@ -51,16 +51,22 @@ def time_ms(fn: Callable[[], torch.Tensor], reps: int, warmup: int = 10) -> floa
 
 
 def sparse_bytes(t: torch.Tensor) -> int:
-    return sum(p.numel() * p.element_size() for p in (getattr(t, "packed", None), getattr(t, "meta", None))
-               if p is not None)
+    return sum(
+        p.numel() * p.element_size() for p in (getattr(t, "packed", None), getattr(t, "meta", None)) if p is not None
+    )
 
 
 def gpu_info() -> dict:
     props = torch.cuda.get_device_properties(0)
     cusparselt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
-    return {"gpu": props.name, "compute_capability": list(torch.cuda.get_device_capability(0)),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cusparselt": cusparselt,
-            "semi_structured_backend": "cutlass" if cusparselt is None else "cusparselt"}
+    return {
+        "gpu": props.name,
+        "compute_capability": list(torch.cuda.get_device_capability(0)),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": cusparselt,
+        "semi_structured_backend": "cutlass" if cusparselt is None else "cusparselt",
+    }
 
 
 def run_shape(d_out: int, d_in: int, reps: int) -> list[dict]:
@@ -88,14 +94,26 @@ def run_shape(d_out: int, d_in: int, reps: int) -> list[dict]:
             t_plain = time_ms(lambda: torch.nn.functional.linear(x, W_sparse), reps)  # noqa: B023
             t_plain_t = time_ms(lambda: W_sparse @ xT, reps)  # noqa: B023
             t_armor = time_ms(lambda: armor(x), reps)  # noqa: B023
-        row = {"shape": [d_out, d_in], "tokens": n, "dense_ms": t_dense, "plain_2of4_ms": t_plain,
-               "plain_2of4_transposed_ms": t_plain_t, "armor_ms": t_armor,
-               "armor_speedup_vs_dense": t_dense / t_armor, "armor_over_plain_2of4": t_armor / t_plain,
-               "dense_bytes": dense_bytes, "plain_2of4_bytes": plain_bytes, "armor_bytes": armor.weight_bytes(),
-               "armor_bytes_over_dense": armor.weight_bytes() / dense_bytes}
-        print(f"  {d_out}x{d_in} N={n:5d}: dense {t_dense:.3f} ms, 2:4 {t_plain:.3f} ms (ᵀ {t_plain_t:.3f}), "
-              f"ARMOR {t_armor:.3f} ms  -> {row['armor_speedup_vs_dense']:.2f}x dense, "
-              f"{row['armor_over_plain_2of4']:.2f}x of 2:4", flush=True)
+        row = {
+            "shape": [d_out, d_in],
+            "tokens": n,
+            "dense_ms": t_dense,
+            "plain_2of4_ms": t_plain,
+            "plain_2of4_transposed_ms": t_plain_t,
+            "armor_ms": t_armor,
+            "armor_speedup_vs_dense": t_dense / t_armor,
+            "armor_over_plain_2of4": t_armor / t_plain,
+            "dense_bytes": dense_bytes,
+            "plain_2of4_bytes": plain_bytes,
+            "armor_bytes": armor.weight_bytes(),
+            "armor_bytes_over_dense": armor.weight_bytes() / dense_bytes,
+        }
+        print(
+            f"  {d_out}x{d_in} N={n:5d}: dense {t_dense:.3f} ms, 2:4 {t_plain:.3f} ms (ᵀ {t_plain_t:.3f}), "
+            f"ARMOR {t_armor:.3f} ms  -> {row['armor_speedup_vs_dense']:.2f}x dense, "
+            f"{row['armor_over_plain_2of4']:.2f}x of 2:4",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -124,9 +142,11 @@ def main() -> None:
     print("| shape | tokens | dense ms | 2:4 ms | ARMOR ms | ARMOR vs dense | ARMOR / 2:4 | bytes / dense |")
     print("|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
-        print(f"| {r['shape'][0]}×{r['shape'][1]} | {r['tokens']} | {r['dense_ms']:.3f} | {r['plain_2of4_ms']:.3f} | "
-              f"{r['armor_ms']:.3f} | {r['armor_speedup_vs_dense']:.2f}× | {r['armor_over_plain_2of4']:.2f} | "
-              f"{r['armor_bytes_over_dense']:.3f} |")
+        print(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {r['tokens']} | {r['dense_ms']:.3f} | {r['plain_2of4_ms']:.3f} | "
+            f"{r['armor_ms']:.3f} | {r['armor_speedup_vs_dense']:.2f}× | {r['armor_over_plain_2of4']:.2f} | "
+            f"{r['armor_bytes_over_dense']:.3f} |"
+        )
     print(json.dumps(report["targets"]))
 
 

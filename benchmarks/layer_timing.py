@@ -31,8 +31,12 @@ LAYERS = ("attention.self.query", "intermediate.dense", "output.dense")
 def main() -> None:
     X, weights = linear_inputs(calibration_texts(), [2], CALIB_TOKENS, seed=0)
     results = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "numpy": np.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
         "load_average_before": os.getloadavg(),
         "runs": [],
     }
@@ -42,12 +46,21 @@ def main() -> None:
         for proxy in ("nowag", "hessian"):
             wall, cpu = time.perf_counter(), time.process_time()
             result = factorize(W, H, proxy=proxy)
-            run = {"layer": name, "shape": list(W.shape), "proxy": proxy, "sweeps": result.sweeps,
-                   "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
-                   "loss_ratio": result.loss / result.baseline_loss}
+            run = {
+                "layer": name,
+                "shape": list(W.shape),
+                "proxy": proxy,
+                "sweeps": result.sweeps,
+                "wall_seconds": time.perf_counter() - wall,
+                "cpu_seconds": time.process_time() - cpu,
+                "loss_ratio": result.loss / result.baseline_loss,
+            }
             results["runs"].append(run)
-            print(f"{short:22s} {str(tuple(W.shape)):12s} {proxy:8s} {run['wall_seconds']:6.1f} s wall  "
-                  f"{run['cpu_seconds']:6.1f} s cpu  loss ÷ baseline {run['loss_ratio']:.3f}", flush=True)
+            print(
+                f"{short:22s} {str(tuple(W.shape)):12s} {proxy:8s} {run['wall_seconds']:6.1f} s wall  "
+                f"{run['cpu_seconds']:6.1f} s cpu  loss ÷ baseline {run['loss_ratio']:.3f}",
+                flush=True,
+            )
     results["load_average_after"] = os.getloadavg()
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))

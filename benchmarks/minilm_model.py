@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from make_demo_data import model_dir  # noqa: E402
 
-from armor_ref.compress import CompressSettings, compress_model, machine_info  # noqa: E402
-from armor_ref.evaluate import evaluate_model  # noqa: E402
+from toolkit.compress import CompressSettings, compress_model  # noqa: E402
+from toolkit.evaluate import evaluate_model  # noqa: E402
+from toolkit.report import machine_info  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "minilm_model.json")
 LABELS = {

@@ -37,14 +37,14 @@ sys.path.insert(0, str(HERE))
 
 from make_demo_data import model_dir as minilm_dir  # noqa: E402
 
-from armor_ref.compress import machine_info  # noqa: E402
+from toolkit.report import machine_info  # noqa: E402
 
 RESULTS = HERE / "results" / "streaming_memory.json"
 
 CHILD_PREAMBLE = """
 import json, sys
 import torch, transformers
-import armor_ref.compress, armor_ref.models
+import toolkit.compress, toolkit.models
 def report(**extra):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -53,11 +53,11 @@ def report(**extra):
 CHILDREN = {
     "import": "report()",
     "load whole model": """
-model, _ = armor_ref.models.load_dense_model(sys.argv[1])
+model, _ = toolkit.models.load_dense_model(sys.argv[1])
 report(parameters=sum(p.numel() for p in model.parameters()))
 """,
     "compress (streamed)": """
-from armor_ref.compress import CompressSettings, compress_model
+from toolkit.compress import CompressSettings, compress_model
 settings = CompressSettings(method="magnitude", nsamples=16, seqlen=128)
 rep = compress_model(sys.argv[1], sys.argv[2], sys.argv[3], settings, progress=False)
 report(linears=rep["linears"], seconds=rep["seconds_total_this_run"])

@@ -36,8 +36,9 @@ sys.path.insert(0, HERE)
 
 from minilm_model import LABELS, shards_size  # noqa: E402
 
-from armor_ref.compress import CompressSettings, compress_model, machine_info  # noqa: E402
-from armor_ref.evaluate import evaluate_model  # noqa: E402
+from toolkit.compress import CompressSettings, compress_model  # noqa: E402
+from toolkit.evaluate import evaluate_model  # noqa: E402
+from toolkit.report import machine_info  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "tiny_llama.json")
 EVAL = {"max_length": 128, "stride": 64, "max_tokens": 20000}

@@ -21,8 +21,9 @@ def layer():
     rng = np.random.default_rng(0)
     linear = torch.nn.Linear(D_IN, D_OUT)
     X = rng.standard_normal((200, D_IN))
-    result = factorize(linear.weight.detach().double().numpy(), gram_matrix(X), proxy="hessian", block_size=BLOCK,
-                       sweeps=2)
+    result = factorize(
+        linear.weight.detach().double().numpy(), gram_matrix(X), proxy="hessian", block_size=BLOCK, sweeps=2
+    )
     return linear, result
 
 
@@ -53,8 +54,13 @@ def test_batched_inputs_and_no_bias(layer):
 def test_file_tensors_and_result_constructors_agree(layer):
     linear, result = layer
     values, index = pack_2of4(result.S, result.M)
-    a = ArmorLinear.from_file_tensors(torch.from_numpy(result.A), torch.from_numpy(result.B), torch.from_numpy(values),
-                                      torch.from_numpy(index), bias=linear.bias)
+    a = ArmorLinear.from_file_tensors(
+        torch.from_numpy(result.A),
+        torch.from_numpy(result.B),
+        torch.from_numpy(values),
+        torch.from_numpy(index),
+        bias=linear.bias,
+    )
     b = ArmorLinear.from_result(linear, result)
     x = torch.randn(4, D_IN)
     torch.testing.assert_close(a(x), b(x))

@@ -43,10 +43,16 @@ BACKEND_CASES = [
     pytest.param(("numpy", "cpu", None, 1e-9), id="numpy"),
     pytest.param(("torch", "cpu", "float64", 1e-9), id="torch-cpu-f64", marks=needs_torch),
     pytest.param(("torch", "cpu", "float32", 1e-5), id="torch-cpu-f32", marks=needs_torch),
-    pytest.param(("torch", "cuda", "float32", 1e-5), id="torch-cuda-f32",
-                 marks=pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")),
-    pytest.param(("cupy", "cuda", "float32", 1e-5), id="cupy-f32",
-                 marks=pytest.mark.skipif(not _cupy(), reason="CuPy or a CUDA GPU is missing")),
+    pytest.param(
+        ("torch", "cuda", "float32", 1e-5),
+        id="torch-cuda-f32",
+        marks=pytest.mark.skipif(not _cuda(), reason="no CUDA GPU"),
+    ),
+    pytest.param(
+        ("cupy", "cuda", "float32", 1e-5),
+        id="cupy-f32",
+        marks=pytest.mark.skipif(not _cupy(), reason="CuPy or a CUDA GPU is missing"),
+    ),
 ]
 
 
@@ -91,13 +97,15 @@ def test_guarantee_on_every_backend(case, proxy):
     assert np.all(r.S[~r.M] == 0)
     assert r.A.shape == (4, 16, 16) and r.B.shape == (8, 16, 16) and r.S.shape == W.shape
     # the recorded loss is the loss of the returned Ŵ, measured by the reference's public functions
-    measured = nowag_loss(W, r.W_hat(), np.diag(H)) if proxy == "nowag" else hessian_loss(
-        W, r.W_hat(), make_problem(W, H, "hessian").H)
+    measured = (
+        nowag_loss(W, r.W_hat(), np.diag(H))
+        if proxy == "nowag"
+        else hessian_loss(W, r.W_hat(), make_problem(W, H, "hessian").H)
+    )
     assert np.isclose(measured, r.loss, rtol=1e-9 if case[2] in (None, "float64") else 1e-4)
     # the baseline loss is the reference's for the same start
     S0, _ = run_baseline(r.init, W, H)
-    start = nowag_loss(W, S0, np.diag(H)) if proxy == "nowag" else hessian_loss(
-        W, S0, make_problem(W, H, "hessian").H)
+    start = nowag_loss(W, S0, np.diag(H)) if proxy == "nowag" else hessian_loss(W, S0, make_problem(W, H, "hessian").H)
     assert np.isclose(start, r.baseline_loss, rtol=1e-9 if case[2] in (None, "float64") else 1e-5)
 
 

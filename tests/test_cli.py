@@ -12,11 +12,13 @@ from click.testing import CliRunner
 from conftest import FAST, SmallModel, make_small_model, write_raw_safetensors
 from safetensors.numpy import load_file, save_file
 
-from armor_ref.cli import cli
 from armor_ref.factorization import factorize
-from armor_ref.io import load_armor, read_safetensors
 from armor_ref.masks import is_2of4
 from armor_ref.objectives import gram_matrix
+from toolkit.armor_format import load_armor
+from toolkit.cli import cli
+from toolkit.errors import EXIT_INPUT
+from toolkit.files import read_safetensors
 
 
 def run(*args: object):
@@ -369,7 +371,7 @@ def test_other_commands_bad_input(tmp_path, case):
 
 
 def assert_clean_failure(result, message: str) -> None:
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == EXIT_INPUT, result.output
     assert isinstance(result.exception, SystemExit)  # handled: no traceback
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

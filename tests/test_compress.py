@@ -21,10 +21,11 @@ from click.testing import CliRunner  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from test_models import make_tiny_model, sample_text  # noqa: E402
 
-from armor_ref.compress import CompressSettings, compress_model  # noqa: E402
 from armor_ref.factorization import reconstruct  # noqa: E402
 from armor_ref.masks import unpack_2of4  # noqa: E402
-from armor_ref.models import load_dense_model, load_model  # noqa: E402
+from toolkit.compress import CompressSettings, compress_model  # noqa: E402
+from toolkit.errors import ArmorError  # noqa: E402
+from toolkit.models import load_dense_model, load_model  # noqa: E402
 
 FAST = {"nsamples": 8, "seqlen": 32, "block_size": 16, "sweeps": 2}
 
@@ -147,10 +148,10 @@ def test_resume_after_interruption_is_bitwise_identical(workdir, bert_hessian):
     assert state["finished_blocks"] == 1
 
     # without --resume the half-done directory is refused
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ArmorError, match="not empty"):
         compress_model(str(workdir / "bert"), str(out), str(workdir / "calib.txt"), settings, progress=False)
     # with other settings it is refused too
-    with pytest.raises(ValueError, match="settings differ"):
+    with pytest.raises(ArmorError, match="settings differ"):
         compress_model(
             str(workdir / "bert"),
             str(out),
@@ -204,8 +205,8 @@ def test_plain_2of4_methods_are_written_with_identity_factors(workdir):
 def test_only_one_block_is_in_memory_at_a_time(workdir, monkeypatch):
     """Streaming: when a block's weights are read, every other block is still (or again) on ``meta``; blocks are
     read in order, once each."""
-    import armor_ref.compress as compress
-    from armor_ref.models import load_block
+    import toolkit.compress as compress
+    from toolkit.models import load_block
 
     loaded = []
 
@@ -228,7 +229,7 @@ def test_only_one_block_is_in_memory_at_a_time(workdir, monkeypatch):
 
 
 def test_encoder_evaluation_compares_with_the_dense_model(workdir, bert_hessian):
-    from armor_ref.evaluate import evaluate_model
+    from toolkit.evaluate import evaluate_model
 
     out, _ = bert_hessian
     dense = evaluate_model(str(workdir / "bert"), str(workdir / "eval.txt"), str(workdir / "bert"))
@@ -240,7 +241,7 @@ def test_encoder_evaluation_compares_with_the_dense_model(workdir, bert_hessian)
 
 
 def test_tiny_llama_end_to_end_compress_perplexity_generate(workdir):
-    from armor_ref.evaluate import evaluate_model
+    from toolkit.evaluate import evaluate_model
 
     out = workdir / "llama-nowag"
     report = compress_model(
@@ -272,7 +273,7 @@ def test_tiny_llama_end_to_end_compress_perplexity_generate(workdir):
 def test_compressed_llama_on_cuda_float16_uses_semi_structured_cores(workdir):
     """On a GPU the loaded model's 2:4 cores are semi-structured sparse tensors, and its perplexity matches the
     float32 CPU model's."""
-    from armor_ref.evaluate import evaluate_model
+    from toolkit.evaluate import evaluate_model
 
     out = workdir / "llama-cuda"
     compress_model(
@@ -369,8 +370,8 @@ def test_lm_head_is_compressed_when_asked_and_resumes_exactly(workdir, tmp_path)
 
 
 def test_sliding_window_perplexity_scores_every_token_once(workdir):
-    from armor_ref.evaluate import perplexity
-    from armor_ref.models import load_tokenizer
+    from toolkit.evaluate import perplexity
+    from toolkit.models import load_tokenizer
 
     model, _ = load_dense_model(str(workdir / "llama"))
     tok = load_tokenizer(str(workdir / "llama"))
@@ -386,7 +387,7 @@ def test_sliding_window_perplexity_scores_every_token_once(workdir):
 
 
 def run_cli(*args: str):
-    from armor_ref.cli_model import model_cli
+    from toolkit.cli import cli as model_cli
 
     return CliRunner().invoke(model_cli, list(args))
 
@@ -463,7 +464,7 @@ def test_two_gloo_processes_give_the_single_process_result(workdir, bert_hessian
         "--master_port",
         "29517",
         "-m",
-        "armor_ref.cli_model",
+        "toolkit",
         "compress",
         str(workdir / "bert"),
         "-o",

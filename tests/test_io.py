@@ -1,4 +1,4 @@
-"""armor_ref.io: safetensors reading (fp32/fp16/bf16, bad files), calibration formats, the spec §6 file."""
+"""Files: safetensors reading and writing (fp32/fp16/bf16, bad files), calibration formats, the spec §6 file."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import pytest
 from conftest import make_small_model, write_raw_safetensors
 from safetensors.numpy import load_file, save_file
 
-import armor_ref.io as aio
-from armor_ref.errors import InputError
+import toolkit.armor_format as aio
+import toolkit.calibration as calibration
+import toolkit.files as files
 from armor_ref.factorization import factorize
 from armor_ref.masks import is_2of4
 from armor_ref.objectives import gram_matrix
+from toolkit.errors import ArmorError
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_read_safetensors_decodes_bf16_fp16_fp32_and_passes_ints_through(tmp_pat
         },
         metadata={"origin": "test"},
     )
-    tensors, metadata = aio.read_safetensors(path)
+    tensors, metadata = files.read_safetensors(path)
     assert metadata == {"origin": "test"}
     assert tensors["bf"].dtype == np.float32 and np.array_equal(tensors["bf"], bf16_exact)
     assert tensors["half"].dtype == np.float16 and np.array_equal(tensors["half"], f16)
@@ -62,12 +64,12 @@ def test_read_safetensors_decodes_bf16_fp16_fp32_and_passes_ints_through(tmp_pat
     for name in ("half", "single", "ids"):  # the safetensors library agrees where it can read the dtype
         save_path = tmp_path / f"{name}.safetensors"
         save_file({name: tensors[name]}, str(save_path))
-        assert np.array_equal(aio.read_safetensors(save_path)[0][name], load_file(str(save_path))[name])
+        assert np.array_equal(files.read_safetensors(save_path)[0][name], load_file(str(save_path))[name])
 
 
 def test_bfloat16_decoding_of_known_bit_patterns():
     bits = np.array([0x3F80, 0xC000, 0x0000, 0x7F80, 0x3EAA], dtype=np.uint16)  # 1, -2, 0, inf, ~0.332
-    out = aio.bfloat16_to_float32(bits)
+    out = files.bfloat16_to_float32(bits)
     assert out.dtype == np.float32
     assert out[:4].tolist() == [1.0, -2.0, 0.0, float("inf")]
     assert out[4] == pytest.approx(0.33203125)
@@ -77,8 +79,8 @@ def test_written_arrays_keep_their_logical_order_when_given_a_transposed_view(tm
     base = np.arange(12, dtype=np.float32).reshape(3, 4)
     view = base.T  # not C-contiguous
     path = tmp_path / "t.safetensors"
-    aio.write_safetensors(path, {"t": view}, {"k": "v"})
-    assert np.array_equal(aio.read_safetensors(path)[0]["t"], view)
+    files.write_safetensors(path, {"t": view}, {"k": "v"})
+    assert np.array_equal(files.read_safetensors(path)[0]["t"], view)
     assert np.array_equal(load_file(str(path))["t"], view)
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary file left behind
     umask = os.umask(0)
@@ -99,8 +101,8 @@ def test_written_arrays_keep_their_logical_order_when_given_a_transposed_view(tm
 def test_garbage_is_not_safetensors(tmp_path: Path, content: bytes, message: str):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(InputError, match=message):
-        aio.read_safetensors(path)
+    with pytest.raises(ArmorError, match=message):
+        files.read_safetensors(path)
 
 
 def test_truncated_files_are_reported_as_truncated(small_model):
@@ -109,21 +111,21 @@ def test_truncated_files_are_reported_as_truncated(small_model):
     for cut in (8 + header_len // 2, len(data) - 10):
         path = small_model.dir / f"cut{cut}.safetensors"
         path.write_bytes(data[:cut])
-        with pytest.raises(InputError, match="truncated"):
-            aio.read_safetensors(path)
+        with pytest.raises(ArmorError, match="truncated"):
+            files.read_safetensors(path)
 
 
 def test_missing_file(tmp_path: Path):
-    with pytest.raises(InputError, match="file not found"):
-        aio.read_safetensors(tmp_path / "nope.safetensors")
+    with pytest.raises(ArmorError, match="file not found"):
+        files.read_safetensors(tmp_path / "nope.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # calibration
 # ----------------------------------------------------------------------------------------------------------
 def test_npy_calibration_goes_to_every_tensor_of_matching_width(small_model, monkeypatch):
-    monkeypatch.setattr(aio, "GRAM_CHUNK_ROWS", 64)  # several chunks, including a partial one
-    grams = aio.load_calibration(small_model.calib, small_model.tensors)
+    monkeypatch.setattr(calibration, "GRAM_CHUNK_ROWS", 64)  # several chunks, including a partial one
+    grams = calibration.load_calibration(small_model.calib, small_model.tensors)
     assert sorted(grams) == ["l1.weight", "l2.weight"]  # the 1-D tensors get nothing
     H, n = grams["l1.weight"]
     X = small_model.X.astype(np.float64)
@@ -136,7 +138,7 @@ def test_npz_and_safetensors_calibration_by_name_with_activations_or_gram(small_
     G = X.astype(np.float64).T @ X.astype(np.float64)
     npz = small_model.dir / "calib.npz"
     np.savez(npz, **{"l1.weight": X, "l2.weight.gram": G, "unrelated.weight": np.ones((2, 3))})
-    grams = aio.load_calibration(npz, small_model.tensors)
+    grams = calibration.load_calibration(npz, small_model.tensors)
     assert sorted(grams) == ["l1.weight", "l2.weight"]
     np.testing.assert_allclose(grams["l1.weight"][0], G, rtol=1e-12, atol=1e-9)
     assert grams["l1.weight"][1] == len(X)
@@ -144,8 +146,8 @@ def test_npz_and_safetensors_calibration_by_name_with_activations_or_gram(small_
     assert grams["l2.weight"][1] is None
 
     st = small_model.dir / "calib.safetensors"
-    aio.write_safetensors(st, {"l2.weight": X.astype(np.float16)}, {})
-    grams = aio.load_calibration(st, small_model.tensors)
+    files.write_safetensors(st, {"l2.weight": X.astype(np.float16)}, {})
+    grams = calibration.load_calibration(st, small_model.tensors)
     X16 = X.astype(np.float16).astype(np.float64)
     np.testing.assert_allclose(grams["l2.weight"][0], X16.T @ X16, rtol=1e-12, atol=1e-9)
 
@@ -168,8 +170,8 @@ def test_npz_and_safetensors_calibration_by_name_with_activations_or_gram(small_
 def test_bad_calibration_is_rejected(small_model, make, message):
     make(small_model.dir)
     path = next(p for p in small_model.dir.iterdir() if p.stem == "c")
-    with pytest.raises(InputError, match=message):
-        aio.load_calibration(path, small_model.tensors)
+    with pytest.raises(ArmorError, match=message):
+        calibration.load_calibration(path, small_model.tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,9 +239,9 @@ def test_save_armor_writes_contiguous_arrays_from_non_contiguous_results(tmp_pat
 
 
 def _tamper(path: Path, out: Path, change) -> Path:
-    tensors, metadata = aio.read_safetensors(path)
+    tensors, metadata = files.read_safetensors(path)
     change(tensors, metadata)
-    aio.write_safetensors(out, tensors, metadata)
+    files.write_safetensors(out, tensors, metadata)
     return out
 
 
@@ -260,7 +262,7 @@ def test_load_armor_validates(tmp_path: Path, layer, change, message):
     good = tmp_path / "good.safetensors"
     aio.save_armor(good, {"w": result}, {})
     bad = _tamper(good, tmp_path / "bad.safetensors", change)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(ArmorError, match=message):
         aio.load_armor(bad)
 
 
@@ -268,7 +270,7 @@ def test_metadata_fixed_keys_win_and_extras_are_kept(tmp_path: Path, layer):
     _, _, result = layer
     path = tmp_path / "m.safetensors"
     aio.save_armor(path, {"w": result}, {}, {"format": "other", "note": {"a": 1}})
-    _, metadata = aio.read_safetensors(path)
+    _, metadata = files.read_safetensors(path)
     assert metadata["format"] == "armor" and json.loads(metadata["note"]) == {"a": 1}
     assert json.loads(metadata["tensors"]) == ["w"] and metadata["values_dtype"] == "float32"
 
@@ -277,14 +279,14 @@ def test_failed_write_leaves_no_file(tmp_path: Path, layer):
     _, _, result = layer
     with pytest.raises(ValueError, match="clashes"):
         aio.save_armor(tmp_path / "x.safetensors", {"w": result}, {"w.armor.A": np.zeros(1)})
-    with pytest.raises(InputError, match="does not exist"):
-        aio.write_safetensors(tmp_path / "missing_dir" / "x.safetensors", {"a": np.zeros(2)}, {})
+    with pytest.raises(ArmorError, match="does not exist"):
+        files.write_safetensors(tmp_path / "missing_dir" / "x.safetensors", {"a": np.zeros(2)}, {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_small_model_fixture_is_readable(tmp_path: Path):
     model = make_small_model(tmp_path)
-    tensors, metadata = aio.read_safetensors(model.weights)
+    tensors, metadata = files.read_safetensors(model.weights)
     assert metadata == {"format": "np"}
     for name, array in model.tensors.items():
         np.testing.assert_array_equal(tensors[name], array)

@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from armor_ref.models import (  # noqa: E402
+from toolkit.models import (  # noqa: E402
     BERT_LAYOUT,
     LLAMA_LAYOUT,
-    ModelError,
+    ArmorError,
     blocks_of,
     checkpoint_name,
     layout_of,
@@ -124,19 +124,19 @@ def test_layouts_list_linears_in_forward_order():
     assert LLAMA_LAYOUT.linears[-1] == "mlp.down_proj"
     for model_type in ("llama", "qwen2", "qwen3", "mistral"):
         assert layout_of({"model_type": model_type}) is LLAMA_LAYOUT
-    with pytest.raises(ModelError, match="unsupported architecture 'gpt2'"):
+    with pytest.raises(ArmorError, match="unsupported architecture 'gpt2'"):
         layout_of({"model_type": "gpt2"})
 
 
 def test_bad_directories_give_one_line_errors(tmp_path):
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(ArmorError, match="does not exist"):
         read_config(str(tmp_path / "nope"))
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ArmorError, match="no config.json"):
         read_config(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelError, match="cannot read"):
+    with pytest.raises(ArmorError, match="cannot read"):
         read_config(str(tmp_path))
-    with pytest.raises(ModelError, match="has no model.safetensors"):
+    with pytest.raises(ArmorError, match="has no model.safetensors"):
         weight_files(str(tmp_path))
 
 
@@ -158,7 +158,7 @@ def test_checkpoint_name_maps_model_parameters_to_stored_names():
 
 
 def test_blocks_are_found_in_both_tiny_models(tmp_path):
-    from armor_ref.models import load_dense_model
+    from toolkit.models import load_dense_model
 
     for kind in ("bert", "llama"):
         model, layout = load_dense_model(make_tiny_model(kind, str(tmp_path / kind)))
@@ -209,5 +209,5 @@ def test_a_checkpoint_missing_a_block_tensor_fails_when_its_block_is_loaded(tmp_
     model, layout, locations = load_model_skeleton(d)
     blocks = blocks_of(model, layout)
     load_block(model, blocks[0], locations, "cpu")
-    with pytest.raises(ModelError, match="the checkpoint lacks .*layer.1.output.dense.weight"):
+    with pytest.raises(ArmorError, match="the checkpoint lacks .*layer.1.output.dense.weight"):
         load_block(model, blocks[1], locations, "cpu")

@@ -13,7 +13,7 @@ def test_reference_and_cli_run_with_torch_unimportable(tmp_path):
         import numpy as np
         from click.testing import CliRunner
         from safetensors.numpy import save_file
-        from armor_ref.cli import cli
+        from toolkit.cli import cli
 
         rng = np.random.default_rng(0)
         save_file({{"w": rng.standard_normal((16, 32)).astype(np.float32)}}, r"{tmp_path}/w.safetensors")

@@ -3,7 +3,6 @@ trace step by step, and ``L(ARMOR) ≤ L(baseline)`` (nowag: ``≤ NoWag-P ≤``
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import numpy as np
@@ -83,13 +82,12 @@ def test_adam_schedule_returns_best_iterate(spec: LayerSpec, proxy: str) -> None
     assert result.loss <= min(entry["loss"] for entry in result.trace) * (1 + 1e-12) + 1e-300
 
 
-@pytest.mark.skipif(importlib.util.find_spec("armor_ref.io") is None, reason="armor_ref.io not written yet")
 @scaled(0.5)
 @given(spec=layer_specs(max_dim=32, block_sizes=(4, 8, 16)), proxy=proxies)
 def test_exported_file_rebuilds_w_hat(spec: LayerSpec, proxy: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """``save_armor`` then ``load_armor`` rebuilds ``Ŵ``: exactly the float32-rounded factors' product, and the
     in-memory ``Ŵ`` up to float32 rounding."""
-    from armor_ref.io import load_armor, save_armor
+    from toolkit.armor_format import load_armor, save_armor
 
     layer = spec.build()
     result = factorize(layer.W, layer.gram, proxy, block_size=layer.block_size, sweeps=1)

@@ -1,9 +1,10 @@
-"""The ``armor-ref`` command line: factorize, prune, inspect, reconstruct, demo.
+"""The ``armor-ref`` command line: factorize, prune, inspect, reconstruct, demo (and, from :mod:`toolkit.cli_model`,
+compress and eval).
 
-Every problem with the user's input is raised as :class:`~armor_ref.errors.InputError` anywhere below and
-caught in one place, :meth:`ArmorGroup.invoke`, which prints ``error: <problem>; <fix>`` on one line of stderr
-and exits with status 1. All checks run before anything is written, and files are written atomically, so a
-failed command leaves no output file behind and never touches its inputs.
+Every problem the user can act on is raised as :class:`~toolkit.errors.ArmorError` anywhere below and caught in one
+place, :meth:`ArmorGroup.invoke`, which prints ``error: <problem>; <fix>`` on one line of stderr and exits with the
+error's code (:mod:`toolkit.errors`). All checks run before anything is written, and files are written atomically,
+so a failed command leaves no output file behind and never touches its inputs.
 """
 
 from __future__ import annotations
@@ -18,23 +19,25 @@ from pathlib import Path
 import click
 import numpy as np
 
+from armor_ref.baselines import BASELINES, run_baseline
+from armor_ref.factorization import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_INIT,
+    DEFAULT_SWEEPS,
+    DEFAULT_TOL,
+    SCHEDULES,
+    check_shapes,
+)
+from armor_ref.masks import GROUP, has_two_per_group, is_2of4
+from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss, relative_output_error
 from backends import BACKENDS, BackendUnavailable, get_factorize
 
-from .baselines import BASELINES, run_baseline
+from .armor_format import ARMOR_FORMAT, load_armor, save_armor
+from .calibration import load_calibration
 from .cli_model import register_model_commands
-from .errors import InputError
-from .factorization import DEFAULT_BLOCK_SIZE, DEFAULT_INIT, DEFAULT_SWEEPS, DEFAULT_TOL, SCHEDULES, check_shapes
-from .io import (
-    ARMOR_FORMAT,
-    load_armor,
-    load_calibration,
-    read_safetensors,
-    save_armor,
-    write_json,
-    write_safetensors,
-)
-from .masks import GROUP, has_two_per_group, is_2of4
-from .objectives import DEFAULT_DAMPING, PROXIES, make_problem, nowag_loss, relative_output_error
+from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
+from .files import read_safetensors, write_json, write_safetensors
+from .report import compare_with_baselines, comparison_table, format_table, layer_metrics
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
@@ -44,20 +47,21 @@ DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets that keep `armor-ref d
 
 
 class ArmorGroup(click.Group):
-    """A click group that turns input errors into one line on stderr and a non-zero exit (no traceback)."""
+    """A click group that turns every :class:`ArmorError` (and an ``OSError`` from the disk) into one line on stderr
+    and the error's exit code, with no traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (InputError, BackendUnavailable) as err:
-            message = str(err)
+        except ArmorError as err:
+            message, code = str(err), err.exit_code
         except OSError as err:  # unreadable input, unwritable output, full disk, ...
-            message = f"{err.strerror or err} ({err.filename}); check the path and its permissions"
+            message, code = f"{os_error_message(err)}; check the path, its permissions and the free space", EXIT_FAILURE
         click.echo("error: " + " ".join(message.split()), err=True)
-        ctx.exit(1)
+        ctx.exit(code)
 
 
-@click.group(cls=ArmorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ArmorGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 def cli() -> None:
     """ARMOR: compress linear layers to 2:4 sparsity as W ≈ blockdiag(A) · S · blockdiag(B).
 
@@ -96,7 +100,7 @@ def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
     """Refuse to write over one of the inputs."""
     for source in inputs:
         if os.path.realpath(output) == os.path.realpath(source):
-            raise InputError(f"output {output} is the input file {source}", "choose another -o path")
+            raise ArmorError(f"output {output} is the input file {source}", "choose another -o path")
 
 
 def is_explicit(pattern: str) -> bool:
@@ -112,14 +116,14 @@ def select_matrices(
     explicit = {p for p in patterns if is_explicit(p)}
     for name in sorted(explicit):
         if name not in weights:
-            raise InputError(f"no tensor named {name!r} in the weights file", "armor-ref inspect FILE lists them")
+            raise ArmorError(f"no tensor named {name!r} in the weights file", "armor-ref inspect FILE lists them")
     selected, skipped = [], []
     for name, array in weights.items():
         if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         if array.ndim != 2 or array.dtype.kind != "f":
             if name in explicit:
-                raise InputError(
+                raise ArmorError(
                     f"tensor {name!r} has shape {array.shape} and dtype {array.dtype}, not a 2-D float matrix",
                     "select weight matrices with --tensors",
                 )
@@ -129,7 +133,7 @@ def select_matrices(
     if skipped:
         notes.append(f"{len(skipped)} tensor(s) that are not 2-D float matrices are copied through unchanged")
     if not selected:
-        raise InputError(
+        raise ArmorError(
             f"nothing to factorize: no 2-D tensor matches --tensors {' '.join(patterns)}",
             "armor-ref inspect FILE lists the tensors",
         )
@@ -146,17 +150,17 @@ def calibrated_layers(
     for name in selected:
         if name not in grams:
             if name in explicit:
-                raise InputError(
+                raise ArmorError(
                     f"calibration {calib} has nothing for tensor {name!r} of shape {weights[name].shape}",
                     "give activations of its input (N, d_in)",
                 )
             notes.append(f"skipped {name} {weights[name].shape}: no calibration of its input dimension")
             continue
         if not np.all(np.isfinite(weights[name])):
-            raise InputError(f"tensor {name!r} contains NaN or Inf values", "fix the weights before compressing")
+            raise ArmorError(f"tensor {name!r} contains NaN or Inf values", "fix the weights before compressing")
         layers.append(name)
     if not layers:
-        raise InputError("nothing to factorize: no selected tensor has calibration data", "check --calib")
+        raise ArmorError("nothing to factorize: no selected tensor has calibration data", "check --calib")
     return layers, grams
 
 
@@ -169,7 +173,7 @@ def load_heldout(
     grams = load_calibration(heldout, {name: tensors[name] for name in layers})
     for name in layers:
         if name not in grams:
-            raise InputError(
+            raise ArmorError(
                 f"held-out data {heldout} has nothing for tensor {name!r}",
                 "give held-out activations for every tensor that has calibration",
             )
@@ -181,56 +185,10 @@ def check_factorizable(name: str, shape: tuple[int, ...], block_size: int) -> No
     try:
         check_shapes(shape[0], shape[1], block_size)
     except ValueError as err:
-        raise InputError(
+        raise ArmorError(
             f"tensor {name!r} {tuple(shape)}: {err}",
             "choose --block-size dividing both dimensions, or leave the tensor out with --tensors",
         ) from None
-
-
-def baseline_metrics(
-    W: np.ndarray, gram: np.ndarray, proxy: str, damping: float, heldout: np.ndarray | None = None
-) -> dict[str, dict]:
-    """For each 2:4 baseline: its proxy loss, nowag loss, relative calibration (and held-out) output error,
-    its seconds, and the pruned matrix under ``"S"``."""
-    problem = make_problem(W, gram, proxy, damping)
-    out = {}
-    for name in BASELINES:
-        t0 = time.perf_counter()
-        S, _ = run_baseline(name, W, gram)
-        out[name] = {"seconds": time.perf_counter() - t0, "S": S, **layer_errors(W, S, gram, problem, heldout)}
-    return out
-
-
-def layer_errors(W: np.ndarray, W_hat: np.ndarray, gram: np.ndarray, problem, heldout: np.ndarray | None) -> dict:
-    """Losses and relative output errors of an approximation ``W_hat`` of ``W``."""
-    errors = {
-        "proxy_loss": problem.loss(problem.to_target_space(W_hat)),
-        "nowag_loss": nowag_loss(W, W_hat, np.diag(gram)),
-        "calib_output_error": relative_output_error(W, W_hat, gram),
-    }
-    if heldout is not None:
-        errors["heldout_output_error"] = relative_output_error(W, W_hat, heldout)
-    return errors
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain text table: first column left-aligned, numbers right-aligned with 4 significant digits."""
-
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    cells = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
-    ]
-    for row in cells:
-        lines.append(
-            "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
-        )
-    return "\n".join("  " + line for line in lines)
 
 
 def run_with_progress(factorize_fn: Callable, label: str, budget: int, W: np.ndarray, gram: np.ndarray, **options):
@@ -247,7 +205,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
         return get_factorize(backend, device)
     except BackendUnavailable as err:
         problem, _, fix = str(err).partition("; ")
-        raise InputError(problem, fix or "choose an available backend, e.g. --backend numpy --device cpu") from None
+        raise ArmorError(problem, fix or "choose an available backend, e.g. --backend numpy --device cpu") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,7 +359,7 @@ def factorize(
         W = tensors[name].astype(np.float64)
         gram, n_tokens = grams[name]
         held_gram = held_grams[name][0] if held_grams else None
-        base = baseline_metrics(W, gram, proxy, damping, held_gram)
+        base = compare_with_baselines(W, gram, proxy, damping, held_gram)
         result = run_with_progress(
             factorize_fn,
             name,
@@ -416,7 +374,7 @@ def factorize(
             schedule=schedule,
             damping=damping,
         )
-        armor = layer_errors(W, result.W_hat(), gram, make_problem(W, gram, proxy, damping), held_gram)
+        armor = {**layer_metrics(W, result.W_hat(), gram, proxy, damping, held_gram), "seconds": result.seconds}
         results[name] = result
         per_tensor[name] = tensor_report(W, n_tokens, base, armor, result)
         click.echo(factorize_table(name, per_tensor[name]) + "\n")
@@ -450,7 +408,7 @@ def tensor_report(W: np.ndarray, n_tokens: int | None, base: dict, armor: dict, 
         "calibration_tokens": n_tokens,
         "proxy": result.proxy,
         "init": result.init,
-        "baselines": {k: {m: v for m, v in b.items() if m != "S"} for k, b in base.items()},
+        "baselines": base,
         "armor": {
             **armor,
             "start_loss": result.baseline_loss,
@@ -476,22 +434,13 @@ def heldout_ratio(armor: dict, sparsegpt: dict) -> dict:
 def factorize_table(name: str, entry: dict) -> str:
     """The table `armor-ref factorize` prints for one tensor."""
     proxy, armor = entry["proxy"], entry["armor"]
-    columns = ["proxy_loss", "calib_output_error", "heldout_output_error", "seconds"]
-    columns = [c for c in columns if c in armor]  # held-out error only with --heldout
-    rows = [[k, *(b[c] for c in columns)] for k, b in entry["baselines"].items()]
-    rows.append([f"ARMOR ({proxy})", *(armor[c] for c in columns)])
-    headers = {
-        "proxy_loss": f"{proxy} loss",
-        "calib_output_error": "calib out err",
-        "heldout_output_error": "held-out err",
-        "seconds": "seconds",
-    }
+    columns = [c for c in ("proxy_loss", "calib_output_error", "heldout_output_error", "seconds") if c in armor]
     tokens = entry["calibration_tokens"]
     head = (
         f"{name}  {entry['shape'][0]}x{entry['shape'][1]}  proxy={proxy}  init={entry['init']}  "
         f"calibration={'Gram matrix' if tokens is None else f'{tokens} tokens'}"
     )
-    table = format_table(["method", *(headers[c] for c in columns)], rows)
+    table = comparison_table({**entry["baselines"], f"ARMOR ({proxy})": armor}, columns, proxy)
     summary = (
         f"  ARMOR loss / {entry['init']} loss = {armor['loss_ratio_to_init']:.3f}   "
         f"ARMOR calib error / SparseGPT's = {armor['calib_error_ratio_to_sparsegpt']:.3f}   "
@@ -546,7 +495,7 @@ def prune(weights: Path, calib: Path, method: str, output: Path | None, patterns
     layers, grams = calibrated_layers(tensors, patterns, calib, notes)
     for name in layers:
         if tensors[name].shape[1] % GROUP != 0:
-            raise InputError(
+            raise ArmorError(
                 f"tensor {name!r} {tensors[name].shape}: input dimension is not divisible by 4",
                 "leave it out with --tensors",
             )
@@ -714,30 +663,17 @@ def demo(
         W = tensors[name].astype(np.float64)
         gram, n_tokens = grams[name]
         held_gram, n_held = heldout[name]
-        base = baseline_metrics(W, gram, "nowag", DEFAULT_DAMPING, held_gram)
-        rows = [
-            [k, b["nowag_loss"], b["calib_output_error"], b["heldout_output_error"], b["seconds"]]
-            for k, b in base.items()
-        ]
+        rows = compare_with_baselines(W, gram, "nowag", DEFAULT_DAMPING, held_gram)
         armor = {}
         for proxy, budget in (("nowag", sweeps_nowag), ("hessian", sweeps_hessian)):
             result = run_with_progress(
                 factorize_fn, f"{name} {proxy}", budget, W, gram, proxy=proxy, block_size=block_size, seed=seed
             )
-            problem = make_problem(W, gram, proxy, DEFAULT_DAMPING)
-            armor[proxy] = layer_errors(W, result.W_hat(), gram, problem, held_gram)
-            a = armor[proxy]
-            rows.append(
-                [
-                    f"ARMOR ({proxy}, {result.sweeps} sw)",
-                    a["nowag_loss"],
-                    a["calib_output_error"],
-                    a["heldout_output_error"],
-                    result.seconds,
-                ]
-            )
+            armor[proxy] = layer_metrics(W, result.W_hat(), gram, "nowag", DEFAULT_DAMPING, held_gram)
+            rows[f"ARMOR ({proxy}, {result.sweeps} sw)"] = {**armor[proxy], "seconds": result.seconds}
+        base = rows
         click.echo(f"{name}  {W.shape[0]}x{W.shape[1]}  {n_tokens} calibration / {n_held} held-out tokens")
-        click.echo(format_table(["method", "nowag loss", "calib out err", "held-out err", "seconds"], rows))
+        click.echo(comparison_table(rows, ["nowag_loss", "calib_output_error", "heldout_output_error", "seconds"]))
         click.echo("")
         sgpt, nowag_p = base["sparsegpt"], base["nowag-p"]
         summary.append(

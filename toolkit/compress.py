@@ -3,11 +3,11 @@
 Pipeline (:func:`compress_model`):
 
 1. Tokenise the calibration text into ``nsamples`` windows of ``seqlen`` tokens (deterministic, ``seed``).
-2. Build the model with no block weights in memory (:func:`armor_ref.models.load_model_skeleton`), run it up to
+2. Build the model with no block weights in memory (:func:`toolkit.models.load_model_skeleton`), run it up to
    its first transformer block and keep the block's inputs (hidden states and the keyword arguments the model
    passes to its blocks: attention mask, rotary position embeddings, ...), moved to ``device``.
 3. For each block, in order: read its weights from the checkpoint shards onto ``device``
-   (:func:`armor_ref.models.load_block`). Inside it, for each *group* of linears (:mod:`armor_ref.models`, e.g.
+   (:func:`toolkit.models.load_block`). Inside it, for each *group* of linears (:mod:`toolkit.models`, e.g.
    q/k/v, then o, then the MLP input projections, then the MLP output projection): forward the block's inputs
    through the block with hooks that accumulate each linear's Gram matrix ``Xᵀ X`` (so a group sees the outputs
    of the already-compressed groups before it), compress each linear of the group (``factorize`` of the chosen
@@ -15,7 +15,7 @@ Pipeline (:func:`compress_model`):
 4. Forward the inputs through the compressed block: its outputs are the next block's inputs.
 5. Write the block's shard (spec §6 layout) atomically, then the hidden states entering the next block, then the
    progress file: that last write is what makes the block *finished* for ``--resume``. Release the block
-   (:func:`armor_ref.models.release_block`): only one block's weights are ever in memory, which is what lets a
+   (:func:`toolkit.models.release_block`): only one block's weights are ever in memory, which is what lets a
    model larger than the machine's memory be compressed.
 
 Embeddings and norms are copied through unchanged, and so is the LM head unless ``lm_head`` is set: then, after
@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -44,12 +43,16 @@ from typing import Any
 
 import numpy as np
 
-from .baselines import BASELINES, run_baseline
-from .masks import has_two_per_group, pack_2of4
+from armor_ref.baselines import BASELINES, run_baseline
+from armor_ref.factorization import reconstruct
+from armor_ref.objectives import hessian_loss, nowag_loss, relative_output_error
+
+from .armor_format import armor_metadata, armor_tensors
+from .errors import ArmorError
+from .files import atomic_write, write_json, write_safetensors
 from .models import (
     WEIGHTS_INDEX,
     Layout,
-    ModelError,
     blocks_of,
     checkpoint_name,
     copy_tokenizer_and_config,
@@ -67,10 +70,9 @@ from .models import (
     require_torch,
     tensor_locations,
 )
-from .objectives import hessian_loss, nowag_loss, relative_output_error
+from .report import machine_info
 
 METHODS = ("armor-nowag", "armor-hessian", "sparsegpt", "wanda", "nowag-p", "magnitude")
-FORMAT_VERSION = "1"
 PROGRESS_DIR = ".armor-progress"
 STATE_FILE = "state.json"
 REPORT_FILE = "armor_report.json"
@@ -80,10 +82,6 @@ HEAD_SHARD = "model-lm-head.safetensors"
 
 def block_shard_name(i: int) -> str:
     return f"model-block-{i:05d}.safetensors"
-
-
-class CompressionError(ValueError):
-    """Bad input to the compression (one-line message for the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -119,8 +117,6 @@ class LinearResult:
     report: dict[str, Any] = field(default_factory=dict)
 
     def W_hat(self) -> np.ndarray:
-        from .factorization import reconstruct
-
         return reconstruct(self.A, self.S, self.B)
 
 
@@ -181,9 +177,9 @@ def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, s
     wrap = cls_id is not None and sep_id is not None
     body = seqlen - 2 if wrap else seqlen
     if body <= 0:
-        raise CompressionError(f"seqlen {seqlen} is too short")
+        raise ArmorError(f"seqlen {seqlen} is too short")
     if len(ids) < body + 1:
-        raise CompressionError(f"the calibration text has {len(ids)} tokens; need at least {body + 1}")
+        raise ArmorError(f"the calibration text has {len(ids)} tokens; need at least {body + 1}")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - body + 1, size=nsamples)
     ids = np.asarray(ids, dtype=np.int64)
@@ -290,7 +286,7 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
                     pass
                 if len(seen) != len(linears):
                     missing = sorted(set(linears) - set(seen))
-                    raise ModelError(f"linear(s) {', '.join(missing)} were not called by the block's forward")
+                    raise ArmorError(f"linear(s) {', '.join(missing)} were not called by the block's forward")
     finally:
         for h in handles:
             h.remove()
@@ -300,124 +296,16 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
 # ----------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------
-_SAFETENSORS_DTYPES = {
-    "torch.float64": "F64",
-    "torch.float32": "F32",
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int16": "I16",
-    "torch.int8": "I8",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-}
-
-
-def atomic_save_safetensors(tensors: dict[str, Any], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file and ``os.replace`` (never a half-written shard).
-
-    Deterministic bytes: tensors in name order and a header with sorted keys (the ``safetensors`` writer orders
-    its metadata by hash, so identical content could give different bytes, which ``--resume``'s bitwise guarantee
-    cannot accept). Tensors are written one at a time, so the file is never assembled in memory."""
-    torch = require_torch()
-
-    def as_cpu(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return t.detach().cpu().contiguous()
-        return torch.from_numpy(np.ascontiguousarray(t))
-
-    tensors = {name: as_cpu(t) for name, t in tensors.items()}  # numpy arrays are shared, not copied
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(t.dtype)], "shape": list(t.shape)}
-        header[name]["data_offsets"] = [offset, offset + nbytes]
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    head += b" " * (-len(head) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(len(head).to_bytes(8, "little") + head)
-        for name in sorted(tensors):
-            t = tensors[name]
-            if t.numel():
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+def shard_metadata(settings: CompressSettings, proxy: str) -> dict[str, str]:
+    """Header metadata of every output shard: spec §6's keys plus the method and its sweep budget."""
+    sweeps = "default" if settings.sweeps is None else str(settings.sweeps)
+    return armor_metadata(settings.block_size, proxy, {"method": settings.method, "sweeps": sweeps})
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`toolkit.files.atomic_write`."""
     torch = require_torch()
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def armor_tensors(name: str, result: LinearResult) -> dict[str, np.ndarray]:
-    """The spec §6 tensors of one factorized weight ``name`` (e.g. ``encoder.layer.0.output.dense``)."""
-    if not has_two_per_group(result.M):
-        raise AssertionError(f"{name}: mask does not keep exactly 2 of 4")
-    values, index = pack_2of4(result.S, result.M)
-    return {
-        f"{name}.armor.A": np.ascontiguousarray(result.A, dtype=np.float32),
-        f"{name}.armor.B": np.ascontiguousarray(result.B, dtype=np.float32),
-        f"{name}.armor.values": np.ascontiguousarray(values, dtype=np.float32),
-        f"{name}.armor.index": np.ascontiguousarray(index, dtype=np.uint8),
-    }
-
-
-def shard_metadata(settings: CompressSettings, proxy: str) -> dict[str, str]:
-    """Header metadata of every output shard (spec §6 keys first)."""
-    return {
-        "format": "armor",
-        "version": FORMAT_VERSION,
-        "block_size": str(settings.block_size),
-        "proxy": proxy,
-        "values_dtype": "float32",
-        "index_layout": "p0 | (p1 << 2), 0 <= p0 < p1 <= 3, per group of 4 columns",
-        "method": settings.method,
-        "sweeps": "default" if settings.sweeps is None else str(settings.sweeps),
-    }
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-    }
-    try:
-        import torch
-        import transformers
-
-        info["torch"] = torch.__version__
-        info["transformers"] = transformers.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    return info
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,26 +359,26 @@ def validate_inputs(
     layout = layout_of(config)
     tensor_locations(model_dir)  # weights present and readable
     if settings.method not in METHODS:
-        raise CompressionError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+        raise ArmorError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
     if not os.path.isfile(calib_text):
-        raise CompressionError(f"calibration text {calib_text!r} does not exist")
+        raise ArmorError(f"calibration text {calib_text!r} does not exist")
     if settings.nsamples <= 0 or settings.seqlen <= 0:
-        raise CompressionError("--nsamples and --seqlen must be positive")
+        raise ArmorError("--nsamples and --seqlen must be positive")
     if settings.block_size <= 0 or settings.block_size % 4:
-        raise CompressionError(f"block size {settings.block_size} must be a positive multiple of 4")
+        raise ArmorError(f"block size {settings.block_size} must be a positive multiple of 4")
     if os.path.abspath(model_dir) == os.path.abspath(out_dir):
-        raise CompressionError("the output directory must differ from the model directory")
+        raise ArmorError("the output directory must differ from the model directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CompressionError(f"{out_dir!r} exists and is not a directory")
+        raise ArmorError(f"{out_dir!r} exists and is not a directory")
     if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise CompressionError(f"output directory {out_dir!r} is not empty; pass --resume to continue it")
+        raise ArmorError(f"output directory {out_dir!r} is not empty; pass --resume to continue it")
     require_device(settings.device)
     if settings.lm_head:
         if layout.final_norm is None:
-            raise CompressionError(f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress")
+            raise ArmorError(f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress")
         vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
         if vocab % settings.block_size or hidden % settings.block_size:
-            raise CompressionError(
+            raise ArmorError(
                 f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {settings.block_size}; "
                 "leave the head dense or choose another --block-size"
             )
@@ -500,7 +388,7 @@ def validate_inputs(
         try:
             get_factorize(settings.backend, settings.device)
         except BackendUnavailable as exc:
-            raise CompressionError(str(exc)) from None
+            raise ArmorError(str(exc)) from None
     return config, layout
 
 
@@ -544,7 +432,7 @@ def compress_model(
             state = json.load(fh)
         if state["settings"] != identity:
             changed = sorted(k for k in identity if state["settings"].get(k) != identity[k])
-            raise CompressionError(f"cannot resume: settings differ from the interrupted run ({', '.join(changed)})")
+            raise ArmorError(f"cannot resume: settings differ from the interrupted run ({', '.join(changed)})")
 
     model, layout, locations = load_model_skeleton(model_dir)
     device = forward_device(settings, world)
@@ -612,8 +500,8 @@ def compress_model(
             )
         if writer:
             shard = _block_tensors(model, block, names, locations, layout, results, block_prefix)
-            atomic_save_safetensors(
-                shard, os.path.join(out_dir, block_shard_name(i)), shard_metadata(settings, _proxy_of(settings))
+            write_safetensors(
+                os.path.join(out_dir, block_shard_name(i)), shard, shard_metadata(settings, _proxy_of(settings))
             )
             if i + 1 < len(blocks) or settings.lm_head:
                 atomic_torch_save([h.cpu() for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
@@ -622,7 +510,7 @@ def compress_model(
             state["blocks"].append(
                 {"block": i, "seconds": time.perf_counter() - t_block, "cpu_seconds": time.process_time() - cpu_block}
             )
-            atomic_write_json(state, state_path)
+            write_json(state_path, state)
             old = os.path.join(progress_dir, f"hidden-{i:05d}.pt")
             if os.path.exists(old):
                 os.remove(old)
@@ -642,7 +530,7 @@ def compress_model(
     report: dict[str, Any] = {}
     if writer:
         rest = {name: read_checkpoint_tensor(locations, name) for name in sorted(locations) if name not in written}
-        atomic_save_safetensors(rest, os.path.join(out_dir, REST_SHARD), shard_metadata(settings, _proxy_of(settings)))
+        write_safetensors(os.path.join(out_dir, REST_SHARD), rest, shard_metadata(settings, _proxy_of(settings)))
         report = {
             "model_dir": os.path.abspath(model_dir),
             "settings": identity,
@@ -657,7 +545,7 @@ def compress_model(
             "machine": machine_info(),
         }
         _write_index(out_dir, len(blocks), settings)
-        atomic_write_json(report, os.path.join(out_dir, REPORT_FILE))
+        write_json(os.path.join(out_dir, REPORT_FILE), report)
         shutil.rmtree(progress_dir, ignore_errors=True)
     return report
 
@@ -694,12 +582,12 @@ def _compress_lm_head(
     stem = (checkpoint_name(f"{name}.weight", locations) or f"{name}.weight").removesuffix(".weight")
     if rank == 0:
         metadata = shard_metadata(settings, _proxy_of(settings))
-        atomic_save_safetensors(armor_tensors(stem, result), os.path.join(out_dir, HEAD_SHARD), metadata)
+        write_safetensors(os.path.join(out_dir, HEAD_SHARD), armor_tensors(stem, result), metadata)
         config_path = os.path.join(out_dir, "config.json")
         with open(config_path, encoding="utf-8") as fh:
             config = json.load(fh)
         if config.get("tie_word_embeddings"):
-            atomic_write_json({**config, "tie_word_embeddings": False}, config_path)
+            write_json(config_path, {**config, "tie_word_embeddings": False})
         state["layers"].append({"block": None, "name": name, "shape": list(result.S.shape), **result.report})
         state["blocks"].append(
             {"block": "lm_head", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
@@ -741,7 +629,7 @@ def _block_tensors(
     for rel, result in results.items():
         ck = checkpoint_name(f"{prefix}.{rel}.weight", locations)
         if ck is None:
-            raise ModelError(f"cannot find {prefix}.{rel}.weight in the checkpoint")
+            raise ArmorError(f"cannot find {prefix}.{rel}.weight in the checkpoint")
         compressed_weights.add(ck)
         tensors.update(armor_tensors(ck.removesuffix(".weight"), result))
     for ck in sorted(_names_in_block(model, block, names, locations, layout) - compressed_weights):
@@ -766,7 +654,7 @@ def _write_index(out_dir: str, n_blocks: int, settings: CompressSettings) -> Non
         "metadata": {**shard_metadata(settings, _proxy_of(settings)), "total_size": total},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    atomic_write_json(index, os.path.join(out_dir, WEIGHTS_INDEX))
+    write_json(os.path.join(out_dir, WEIGHTS_INDEX), index)
 
 
-__all__ = ["BASELINES", "METHODS", "CompressSettings", "CompressionError", "compress_linear", "compress_model"]
+__all__ = ["BASELINES", "METHODS", "CompressSettings", "ArmorError", "compress_linear", "compress_model"]

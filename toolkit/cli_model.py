@@ -1,9 +1,8 @@
-"""Click commands for whole models: ``compress`` and ``eval``.
+"""Click commands for whole models: ``compress`` and ``eval``, registered into the ``armor-ref`` group
+(:mod:`toolkit.cli`), whose one error handler reports their failures. ``torchrun`` starts several processes through
+the package's ``__main__``::
 
-They are registered into the main ``armor-ref`` group (:mod:`armor_ref.cli`); this module also runs on its own,
-which is how ``torchrun`` starts several processes::
-
-    torchrun --nproc_per_node 2 -m armor_ref.cli_model compress MODEL_DIR -o OUT --method armor-hessian ...
+    torchrun --nproc_per_node 2 -m toolkit compress MODEL_DIR -o OUT --method armor-hessian ...
 
 torch and transformers are imported only when a command runs.
 """
@@ -12,17 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
-from .compress import METHODS, CompressionError, CompressSettings
-from .models import ModelError
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+from .compress import METHODS, CompressSettings
 
 
 def _init_distributed(device: str) -> None:
@@ -105,7 +97,7 @@ def compress(
     Example (BERT-style encoder, about 10 minutes on 2 CPU cores):
       armor-ref compress ./all-MiniLM-L6-v2 -o ./minilm-armor --calib-text calib.txt
     Several processes, the linears of each block shared among them:
-      torchrun --nproc_per_node 2 -m armor_ref.cli_model compress MODEL_DIR -o OUT --calib-text calib.txt
+      torchrun --nproc_per_node 2 -m toolkit compress MODEL_DIR -o OUT --calib-text calib.txt
 
     An interrupted run continues with --resume (same settings), bit for bit as if never stopped.
     """
@@ -123,12 +115,8 @@ def compress(
         batch_size=batch_size,
         lm_head=lm_head,
     )
-    try:
-        _init_distributed(device)
-        report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
-    except (ModelError, CompressionError) as exc:
-        _fail(str(exc))
-        return
+    _init_distributed(device)
+    report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
     if report:
         errors = [layer["relative_output_error"] for layer in report["layers"]]
         click.echo(
@@ -175,23 +163,11 @@ def evaluate(
 ) -> None:
     """Evaluate MODEL_DIR (dense or compressed): perplexity (causal LMs) or embedding cosine to the reference
     and half-passage retrieval accuracy (encoders)."""
-    from .evaluate import EvaluationError, evaluate_model
+    from .evaluate import evaluate_model
 
-    try:
-        result = evaluate_model(
-            model_dir,
-            text_file,
-            reference_dir,
-            max_length,
-            stride,
-            max_passages,
-            max_tokens,
-            device=device,
-            dtype=dtype,
-        )
-    except (ModelError, EvaluationError) as exc:
-        _fail(str(exc))
-        return
+    result = evaluate_model(
+        model_dir, text_file, reference_dir, max_length, stride, max_passages, max_tokens, device=device, dtype=dtype
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -205,14 +181,3 @@ def register_model_commands(group: click.Group) -> click.Group:
     group.add_command(compress)
     group.add_command(evaluate, name="eval")
     return group
-
-
-@click.group()
-def model_cli() -> None:
-    """Whole-model commands (also available as ``armor-ref compress`` / ``armor-ref eval``)."""
-
-
-register_model_commands(model_cli)
-
-if __name__ == "__main__":
-    model_cli()

@@ -31,6 +31,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import EXIT_FAILURE, ArmorError
+
 HF_INSTALL_HINT = "this command needs torch and transformers: pip install 'armor-ref[hf]'"
 
 WEIGHTS_FILE = "model.safetensors"
@@ -49,10 +51,6 @@ TOKENIZER_FILES = (
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
 )
-
-
-class ModelError(ValueError):
-    """A model directory that cannot be used (missing, malformed, unsupported); the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -103,27 +101,27 @@ LAYOUTS: dict[str, Layout] = {
 # Directory inspection (no torch needed)
 # ----------------------------------------------------------------------------------------------------------
 def read_config(model_dir: str) -> dict[str, Any]:
-    """``config.json`` of ``model_dir``; :class:`ModelError` when the directory or the file is missing/bad."""
+    """``config.json`` of ``model_dir``; :class:`ArmorError` when the directory or the file is missing/bad."""
     if not os.path.isdir(model_dir):
-        raise ModelError(f"model directory {model_dir!r} does not exist")
+        raise ArmorError(f"model directory {model_dir!r} does not exist")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        raise ModelError(f"{model_dir!r} has no config.json; expected a Hugging Face model directory")
+        raise ArmorError(f"{model_dir!r} has no config.json; expected a Hugging Face model directory")
     try:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
+        raise ArmorError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict):
-        raise ModelError(f"{path} does not hold a JSON object")
+        raise ArmorError(f"{path} does not hold a JSON object")
     return config
 
 
 def layout_of(config: dict[str, Any]) -> Layout:
-    """The :class:`Layout` of a config's ``model_type``; :class:`ModelError` for unsupported architectures."""
+    """The :class:`Layout` of a config's ``model_type``; :class:`ArmorError` for unsupported architectures."""
     model_type = config.get("model_type")
     if model_type not in LAYOUTS:
-        raise ModelError(
+        raise ArmorError(
             f"unsupported architecture {model_type!r}; supported model_type values: {', '.join(sorted(LAYOUTS))}"
         )
     return LAYOUTS[model_type]
@@ -131,23 +129,23 @@ def layout_of(config: dict[str, Any]) -> Layout:
 
 def weight_files(model_dir: str) -> list[str]:
     """The safetensors files of a model directory: the shards named in ``model.safetensors.index.json``, or
-    ``model.safetensors``. :class:`ModelError` when there are none."""
+    ``model.safetensors``. :class:`ArmorError` when there are none."""
     index = os.path.join(model_dir, WEIGHTS_INDEX)
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as fh:
                 weight_map = json.load(fh)["weight_map"]
         except (OSError, KeyError, json.JSONDecodeError) as exc:
-            raise ModelError(f"cannot read {index}: {exc}") from None
+            raise ArmorError(f"cannot read {index}: {exc}") from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
-            raise ModelError(f"{index} names missing shard(s): {', '.join(missing)}")
+            raise ArmorError(f"{index} names missing shard(s): {', '.join(missing)}")
         return [os.path.join(model_dir, f) for f in files]
     single = os.path.join(model_dir, WEIGHTS_FILE)
     if os.path.isfile(single):
         return [single]
-    raise ModelError(f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+    raise ArmorError(f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
 
 
 def tensor_locations(model_dir: str) -> dict[str, str]:
@@ -190,23 +188,25 @@ def copy_tokenizer_and_config(model_dir: str, out_dir: str) -> list[str]:
 # torch / transformers
 # ----------------------------------------------------------------------------------------------------------
 def require_torch() -> Any:
-    """Import and return ``torch``; :class:`ModelError` with the install hint when it is missing."""
+    """Import and return ``torch``; :class:`ArmorError` with the install hint when it is missing."""
     try:
         import torch
         import transformers  # noqa: F401
     except ImportError:
-        raise ModelError(HF_INSTALL_HINT) from None
+        raise ArmorError(HF_INSTALL_HINT) from None
     return torch
 
 
 def require_device(device: str) -> None:
-    """:class:`ModelError` (one line) unless torch can allocate on ``device`` here."""
+    """:class:`ArmorError` (one line) unless torch can allocate on ``device`` here."""
     torch = require_torch()
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"device {device!r} is not usable here ({reason}); try --device cpu") from None
+        raise ArmorError(
+            f"device {device!r} is not usable here ({reason})", "try --device cpu", exit_code=EXIT_FAILURE
+        ) from None
 
 
 def _offline() -> None:
@@ -237,7 +237,7 @@ def load_dense_model(model_dir: str) -> tuple[Any, Layout]:
     try:
         model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report one line
-        raise ModelError(f"cannot load {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
+        raise ArmorError(f"cannot load {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, layout
 
@@ -263,7 +263,7 @@ def load_model_skeleton(model_dir: str) -> tuple[Any, Layout, dict[str, str]]:
         with torch.device("meta"):
             model = model_class(layout).from_config(hf_config, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report one line
-        raise ModelError(f"cannot build {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
+        raise ArmorError(f"cannot build {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
     model.eval()
     in_blocks = {id(m) for block in blocks_of(model, layout) for m in block.modules()}
     head = model.get_output_embeddings()
@@ -325,11 +325,11 @@ def _materialise(
             ck = checkpoint_name(full, locations)
             if ck is None:
                 if required:
-                    raise ModelError(f"the checkpoint lacks {full}")
+                    raise ArmorError(f"the checkpoint lacks {full}")
                 continue
             value = read_checkpoint_tensor(locations, ck).to(device=device, dtype=torch.float32)
             if tuple(value.shape) != tuple(param.shape):
-                raise ModelError(f"{ck} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}")
+                raise ArmorError(f"{ck} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}")
             setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
 
 
@@ -342,7 +342,7 @@ def load_tokenizer(model_dir: str) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot load the tokenizer of {model_dir!r}: {str(exc).splitlines()[0]}") from None
+        raise ArmorError(f"cannot load the tokenizer of {model_dir!r}: {str(exc).splitlines()[0]}") from None
 
 
 def get_submodule(root: Any, path: str) -> Any:
@@ -361,7 +361,7 @@ def blocks_of(model: Any, layout: Layout) -> Any:
             return get_submodule(model, path)
         except AttributeError:
             continue
-    raise ModelError(f"the loaded model has no {layout.blocks_path!r}")
+    raise ArmorError(f"the loaded model has no {layout.blocks_path!r}")
 
 
 def module_names(model: Any) -> dict[int, str]:
@@ -402,7 +402,7 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
     torch = require_torch()
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ModelError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        raise ArmorError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
     require_device(device)
     config = read_config(model_dir)
     layout = layout_of(config)
@@ -418,7 +418,7 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
     try:
         hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot read the config of {model_dir!r}: {str(exc).splitlines()[0]}") from None
+        raise ArmorError(f"cannot read the config of {model_dir!r}: {str(exc).splitlines()[0]}") from None
     model = model_class(layout).from_config(hf_config, dtype=torch_dtype).to(device)
     model.eval()
 
@@ -445,7 +445,7 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
         setattr(get_submodule(model, parent_name) if parent_name else model, child, new)
         replaced.add(stem)
     if replaced != set(stems):
-        raise ModelError(f"{len(set(stems) - replaced)} factorized tensor(s) match no linear of the model")
+        raise ArmorError(f"{len(set(stems) - replaced)} factorized tensor(s) match no linear of the model")
 
     state = {}  # everything but the factors (biases of factorized linears included), copied onto device and dtype
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
@@ -458,5 +458,5 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> t
         model.tie_weights()
         unloaded = [n for n in unloaded if not n.startswith("lm_head")]
     if unloaded:
-        raise ModelError(f"{model_dir!r} lacks {len(unloaded)} tensor(s), e.g. {unloaded[0]}")
+        raise ArmorError(f"{model_dir!r} lacks {len(unloaded)} tensor(s), e.g. {unloaded[0]}")
     return model, layout

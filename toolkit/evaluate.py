@@ -17,16 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from .models import ModelError, load_model, load_tokenizer, read_config, require_torch
-
-
-class EvaluationError(ValueError):
-    """Bad input to the evaluation (one-line message for the CLI)."""
+from .errors import ArmorError
+from .models import load_model, load_tokenizer, read_config, require_torch
 
 
 def read_text(path: str) -> str:
     if not os.path.isfile(path):
-        raise EvaluationError(f"text file {path!r} does not exist")
+        raise ArmorError(f"text file {path!r} does not exist")
     with open(path, encoding="utf-8", errors="replace") as fh:
         return fh.read()
 
@@ -108,7 +105,7 @@ def encoder_metrics(model: Any, tokenizer: Any, passages: list[str], reference: 
     reference's sentence embeddings over all half passages. ``reference`` is a model, the
     :func:`passage_embeddings` of one (to reuse across evaluations), or ``None``."""
     if len(passages) < 2:
-        raise EvaluationError("the text has fewer than 2 passages of enough words; give a longer text")
+        raise ArmorError("the text has fewer than 2 passages of enough words; give a longer text")
     emb = passage_embeddings(model, tokenizer, passages)
     result: dict[str, Any] = {
         "passages": len(passages),
@@ -130,12 +127,12 @@ def perplexity(
     the tokens no earlier window scored. Returns ``{"perplexity", "tokens", "nll"}``."""
     torch = require_torch()
     if not 0 < stride <= max_length:
-        raise EvaluationError("need 0 < stride <= max_length")
+        raise ArmorError("need 0 < stride <= max_length")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise EvaluationError("the text has fewer than 2 tokens")
+        raise ArmorError("the text has fewer than 2 tokens")
     nll_sum, counted, prev_end = 0.0, 0, 0
     with torch.no_grad():
         for begin in range(0, len(ids), stride):
@@ -177,7 +174,7 @@ def evaluate_model(
     if reference_dir is not None:
         ref_config = read_config(reference_dir)
         if ref_config.get("model_type") != config.get("model_type"):
-            raise EvaluationError("the reference model has a different architecture")
+            raise ArmorError("the reference model has a different architecture")
     model, layout = load_model(model_dir, device, dtype)
     tokenizer = load_tokenizer(model_dir)
     cache_key = (os.path.abspath(reference_dir), text_file, max_passages) if reference_dir is not None else None
@@ -207,4 +204,4 @@ def evaluate_model(
     return result
 
 
-__all__ = ["EvaluationError", "ModelError", "evaluate_model", "perplexity", "encoder_metrics", "split_passages"]
+__all__ = ["ArmorError", "evaluate_model", "perplexity", "encoder_metrics", "split_passages"]

@@ -1,0 +1,283 @@
+"""The exported ARMOR format (spec §6): the one writer and the one reader.
+
+For every factorized tensor ``NAME`` (d_out, d_in) with block size ``b``::
+
+    NAME.armor.A       float32 (d_out/b, b, b)   blocks of the left block-diagonal factor (row scales in)
+    NAME.armor.B       float32 (d_in/b, b, b)    blocks of the right block-diagonal factor (column scales in)
+    NAME.armor.values  float32 (d_out, d_in/2)   per group of 4 columns, the 2 kept core values, column order
+    NAME.armor.index   uint8   (d_out, d_in/4)   per group, p0 | (p1 << 2) with 0 <= p0 < p1 <= 3
+
+    metadata: format=armor, version, block_size, proxy, values_dtype, index_layout, plus whatever the writer adds
+
+so that ``Ŵ = blockdiag(A) · S · blockdiag(B)``. Tensors that were not factorized are stored under their own names.
+:func:`armor_tensors` and :func:`armor_metadata` build what every writer stores (``factorize`` writes one file with
+:func:`save_armor`; ``compress`` writes one shard per block through the same two functions); :func:`armor_layer`
+validates one stored layer, for :func:`load_armor` (a file) and the model loader (a directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse
+
+from armor_ref.factorization import reconstruct
+from armor_ref.masks import GROUP, KEEP, has_two_per_group, pack_2of4, unpack_2of4
+
+from .errors import ArmorError
+from .files import read_safetensors, write_safetensors
+
+ARMOR_FORMAT = "armor"
+ARMOR_VERSION = "1"
+ARMOR_SUFFIXES = (".armor.A", ".armor.B", ".armor.values", ".armor.index")
+INDEX_LAYOUT = "p0 | (p1 << 2), 0 <= p0 < p1 <= 3, per group of 4 columns"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+class Factorized(Protocol):
+    """Anything holding a factorized layer in the layer's own scale: ``Ŵ = blockdiag(A) · S · blockdiag(B)``."""
+
+    A: np.ndarray  # (d_out/b, b, b)
+    B: np.ndarray  # (d_in/b, b, b)
+    S: np.ndarray  # (d_out, d_in), zero outside M
+    M: np.ndarray  # (d_out, d_in) bool, exactly 2 of every 4
+
+
+def armor_tensors(name: str, result: Factorized) -> dict[str, np.ndarray]:
+    """The four exported arrays of one factorized tensor ``name`` (spec §6), C-contiguous."""
+    if not has_two_per_group(np.asarray(result.M)):
+        raise ValueError(f"{name}: the mask does not keep exactly 2 of every 4 positions")
+    values, index = pack_2of4(np.asarray(result.S), np.asarray(result.M))
+    return {
+        name + ".armor.A": np.ascontiguousarray(result.A, dtype=np.float32),
+        name + ".armor.B": np.ascontiguousarray(result.B, dtype=np.float32),
+        name + ".armor.values": np.ascontiguousarray(values, dtype=np.float32),
+        name + ".armor.index": np.ascontiguousarray(index, dtype=np.uint8),
+    }
+
+
+def armor_metadata(block_size: int, proxy: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The header metadata of an ARMOR file: ``extra`` (stringified, JSON for non-strings), then the fixed keys of
+    spec §6, which always win: ``format``, ``version``, ``block_size``, ``proxy``, ``values_dtype``,
+    ``index_layout``."""
+    header = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (extra or {}).items()}
+    header.update(
+        format=ARMOR_FORMAT,
+        version=ARMOR_VERSION,
+        block_size=str(block_size),
+        proxy=proxy,
+        values_dtype="float32",
+        index_layout=INDEX_LAYOUT,
+    )
+    return header
+
+
+def save_armor(
+    path: str | os.PathLike,
+    results: Mapping[str, Factorized],
+    passthrough: Mapping[str, np.ndarray],
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    """Write factorized tensors in the exported format of spec §6, plus ``passthrough`` tensors under their
+    own names (biases, norms, anything not factorized). ``metadata`` adds header entries (stringified); the
+    fixed keys ``format``, ``version``, ``block_size``, ``proxy``, ``values_dtype``, ``index_layout`` and
+    ``tensors`` always win. All results must share one block size. The file is written atomically (temporary
+    file, then rename)."""
+    block_sizes = {r.block_size for r in results.values()}
+    proxies = sorted({r.proxy for r in results.values()})
+    if len(block_sizes) > 1:
+        raise ValueError(f"all tensors of one file need the same block size, got {sorted(block_sizes)}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, result in results.items():
+        tensors.update(armor_tensors(name, result))
+    for name, array in passthrough.items():
+        if name in tensors or name in results:
+            raise ValueError(f"passthrough tensor {name!r} clashes with a factorized tensor's name")
+        tensors[name] = np.ascontiguousarray(array)
+    extra = {**(metadata or {}), "tensors": json.dumps(sorted(results))}
+    header = armor_metadata(block_sizes.pop() if block_sizes else 0, ",".join(proxies), extra)
+    write_safetensors(path, tensors, header)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ARMOR file: reading
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ArmorLayer:
+    """One factorized tensor as stored: ``Ŵ = blockdiag(A) · S · blockdiag(B)``, ``S`` given by values and
+    index."""
+
+    name: str
+    A: np.ndarray  # (d_out/b, b, b) float32
+    B: np.ndarray  # (d_in/b, b, b) float32
+    values: np.ndarray  # (d_out, d_in/2)
+    index: np.ndarray  # (d_out, d_in/4) uint8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape[0], self.index.shape[1] * GROUP
+
+    @property
+    def block_size(self) -> int:
+        return self.A.shape[1]
+
+    def core(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dense 2:4 core ``S`` (d_out, d_in) and its boolean mask."""
+        return unpack_2of4(self.values, self.index)
+
+    def core_columns(self) -> np.ndarray:
+        """Column of each stored value: ``cols[i, 2q + t] = 4q + p_t`` (d_out, d_in/2)."""
+        index = self.index.astype(np.int64)
+        positions = np.stack([index & 3, index >> 2], axis=-1)  # (d_out, d_in/4, 2)
+        group_start = GROUP * np.arange(index.shape[1])[None, :, None]
+        return (group_start + positions).reshape(index.shape[0], -1)
+
+    def sparse_core(self) -> scipy.sparse.csr_matrix:
+        """``S`` as a CSR matrix with exactly 2 stored entries per group of 4 (d_in/2 per row)."""
+        d_out, d_in = self.shape
+        indptr = np.arange(0, d_out * d_in // 2 + 1, d_in // 2)
+        data = self.values.astype(np.float64).ravel()
+        return scipy.sparse.csr_matrix((data, self.core_columns().ravel(), indptr), shape=(d_out, d_in))
+
+    def reconstruct(self, dtype: type = np.float64) -> np.ndarray:
+        """The dense ``Ŵ = blockdiag(A) · S · blockdiag(B)`` (d_out, d_in)."""
+        S, _ = self.core()
+        return reconstruct(self.A.astype(np.float64), S.astype(np.float64), self.B.astype(np.float64)).astype(dtype)
+
+    def forward(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """``y = A (S (B x)) (+ bias)`` for inputs ``x`` (..., d_in), like ``torch.nn.Linear``; float64.
+
+        Two batched ``b × b`` products around a sparse product with the 2:4 core; ``Ŵ`` is never formed.
+        """
+        d_out, d_in = self.shape
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[-1] != d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, layer {self.name!r} expects {d_in}")
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, d_in)  # (n, d_in)
+        n, b = rows.shape[0], self.block_size
+        K, R = d_in // b, d_out // b
+        z = np.einsum("kij,nkj->nki", self.B.astype(np.float64), rows.reshape(n, K, b)).reshape(n, d_in)  # B x
+        u = np.asarray((self.sparse_core() @ z.T).T)  # S (B x)   (n, d_out)
+        y = np.einsum("rij,nrj->nri", self.A.astype(np.float64), u.reshape(n, R, b)).reshape(n, d_out)  # A(S(Bx))
+        if bias is not None:
+            y = y + np.asarray(bias, dtype=np.float64)
+        return y.reshape(*lead, d_out)
+
+
+@dataclass
+class ArmorLinear:
+    """A NumPy stand-in for a linear layer stored in ARMOR form: ``layer(x) = A (S (B x)) + bias``."""
+
+    layer: ArmorLayer
+    bias: np.ndarray | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.layer.forward(x, self.bias)
+
+
+@dataclass
+class ArmorFile:
+    """A loaded ARMOR file: ``layers`` (factorized tensors by name), ``passthrough`` (everything else),
+    ``metadata`` (the header)."""
+
+    path: Path
+    metadata: dict[str, str]
+    layers: dict[str, ArmorLayer]
+    passthrough: dict[str, np.ndarray]
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the factorized tensors, as in the original model."""
+        return sorted(self.layers)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.metadata["block_size"])
+
+    @property
+    def proxy(self) -> str:
+        return self.metadata.get("proxy", "")
+
+    def reconstruct(self, name: str, dtype: type = np.float64) -> np.ndarray:
+        """The dense ``Ŵ`` of factorized tensor ``name``."""
+        return self.layers[name].reconstruct(dtype)
+
+    def linear(self, name: str) -> ArmorLinear:
+        """A callable layer for ``name``; its bias is the passthrough tensor ``….bias`` when ``name`` ends in
+        ``.weight`` and such a tensor exists."""
+        bias = None
+        if name.endswith(".weight"):
+            bias = self.passthrough.get(name[: -len("weight")] + "bias")
+        return ArmorLinear(self.layers[name], bias)
+
+
+def _bad_armor(source: object, problem: str) -> ArmorError:
+    return ArmorError(f"{source}: {problem}", "write it again with armor-ref (factorize or compress)")
+
+
+def armor_stems(names: object) -> list[str]:
+    """The factorized tensors' names (``NAME`` of ``NAME.armor.*``) among tensor ``names``, sorted."""
+    return sorted({key[: -len(s)] for key in names for s in ARMOR_SUFFIXES if key.endswith(s)})  # type: ignore[union-attr]
+
+
+def armor_layer(name: str, arrays: Mapping[str, np.ndarray], block_size: int, source: object) -> ArmorLayer:
+    """Validate and return the stored layer ``name`` from ``arrays`` (holding ``name.armor.A/B/values/index``):
+    all four present, ``A``/``B`` stacks of ``block_size``² blocks, values/index shapes that fit, a uint8 index whose
+    every code is a valid pair ``p0 < p1``, finite factors. :class:`ArmorError` naming ``source`` otherwise."""
+    missing = [name + s for s in ARMOR_SUFFIXES if name + s not in arrays]
+    if missing:
+        raise _bad_armor(source, f"{missing[0]} is missing")
+    A, B, values, index = (np.asarray(arrays[name + s]) for s in ARMOR_SUFFIXES)
+    b = block_size
+    if A.ndim != 3 or A.shape[1:] != (b, b) or B.ndim != 3 or B.shape[1:] != (b, b):
+        raise _bad_armor(source, f"{name}: A {A.shape} and B {B.shape} are not stacks of {b}x{b} blocks")
+    d_out, d_in = A.shape[0] * b, B.shape[0] * b
+    if values.shape != (d_out, d_in // KEEP) or index.shape != (d_out, d_in // GROUP):
+        raise _bad_armor(
+            source, f"{name}: values {values.shape} / index {index.shape} do not fit a ({d_out}, {d_in}) layer"
+        )
+    if index.dtype != np.uint8:
+        raise _bad_armor(source, f"{name}: index has dtype {index.dtype}, expected uint8")
+    for part, array in (("A", A), ("B", B), ("values", values)):
+        if not np.all(np.isfinite(array)):
+            raise _bad_armor(source, f"{name}.armor.{part} holds NaN or Inf values")
+    layer = ArmorLayer(name, A, B, values, index)
+    try:
+        _, mask = layer.core()
+    except ValueError as err:
+        raise _bad_armor(source, f"{name}: {err}") from None
+    assert has_two_per_group(mask)
+    return layer
+
+
+def block_size_of(metadata: Mapping[str, str], source: object) -> int:
+    """The ``block_size`` of an ARMOR header; :class:`ArmorError` unless it is ``format=armor`` with a valid one."""
+    if metadata.get("format") != ARMOR_FORMAT:
+        raise _bad_armor(source, f"not an ARMOR file (header format={metadata.get('format')!r})")
+    try:
+        b = int(metadata["block_size"])
+    except (KeyError, ValueError):
+        raise _bad_armor(source, "the header has no valid block_size") from None
+    if b <= 0 or b % GROUP:
+        raise _bad_armor(source, f"the header's block_size {b} is not a positive multiple of {GROUP}")
+    return b
+
+
+def load_armor(path: str | os.PathLike) -> ArmorFile:
+    """Read and validate an ARMOR file written by :func:`save_armor` (see :func:`armor_layer`); raises
+    :class:`ArmorError` on any problem."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    b = block_size_of(metadata, path)
+    layers = {name: armor_layer(name, tensors, b, path) for name in armor_stems(tensors)}
+    passthrough = {key: array for key, array in tensors.items() if not any(key.endswith(s) for s in ARMOR_SUFFIXES)}
+    return ArmorFile(path, metadata, layers, passthrough)

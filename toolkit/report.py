@@ -1,0 +1,131 @@
+"""Reports: how a compressed layer compares with the 2:4 baselines, plain-text tables, and the machine a figure
+was measured on.
+
+The comparison of one layer (:func:`compare_with_baselines` then :func:`comparison_table`) is what ``armor-ref
+factorize`` and ``armor-ref demo`` print and what ``benchmarks/minilm_layers.py`` records: for every method, the
+proxy loss it is judged by, the nowag loss, the relative output error ``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` on the
+calibration data (and on held-out data when given), and seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from armor_ref.baselines import BASELINES, run_baseline
+from armor_ref.objectives import make_problem, nowag_loss, relative_output_error
+
+from .errors import ArmorError
+
+COLUMN_TITLES = {
+    "proxy_loss": "{proxy} loss",
+    "nowag_loss": "nowag loss",
+    "calib_output_error": "calib out err",
+    "heldout_output_error": "held-out err",
+    "seconds": "seconds",
+}
+
+
+def finite(value: float, what: str) -> float:
+    """``value`` if it is a finite number; otherwise :class:`ArmorError` naming ``what`` (NaN is never "0.0")."""
+    if not math.isfinite(value):
+        raise ArmorError(f"{what} is {value}", "check the weights and the calibration data for NaN/Inf or overflow")
+    return value
+
+
+def layer_metrics(
+    W: np.ndarray, W_hat: np.ndarray, gram: np.ndarray, proxy: str, damping: float, heldout: np.ndarray | None = None
+) -> dict[str, float]:
+    """The losses and relative output errors of an approximation ``W_hat`` of ``W`` (calibration Gram ``gram``)."""
+    problem = make_problem(W, gram, proxy, damping)
+    metrics = {
+        "proxy_loss": problem.loss(problem.to_target_space(W_hat)),
+        "nowag_loss": nowag_loss(W, W_hat, np.diag(gram)),
+        "calib_output_error": relative_output_error(W, W_hat, gram),
+    }
+    if heldout is not None:
+        metrics["heldout_output_error"] = relative_output_error(W, W_hat, heldout)
+    return {key: finite(value, key.replace("_", " ")) for key, value in metrics.items()}
+
+
+def compare_with_baselines(
+    W: np.ndarray, gram: np.ndarray, proxy: str, damping: float, heldout: np.ndarray | None = None
+) -> dict[str, dict[str, float]]:
+    """Every 2:4 baseline's :func:`layer_metrics` and seconds, by baseline name."""
+    rows = {}
+    for name in BASELINES:
+        t0 = time.perf_counter()
+        S, _ = run_baseline(name, W, gram)
+        seconds = time.perf_counter() - t0
+        rows[name] = {**layer_metrics(W, S, gram, proxy, damping, heldout), "seconds": seconds}
+    return rows
+
+
+def comparison_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], proxy: str = "") -> str:
+    """One row per method (the keys of ``rows``), one column per metric in ``columns`` (keys of
+    :data:`COLUMN_TITLES`); a metric a row lacks prints as ``-``."""
+    titles = [COLUMN_TITLES[c].format(proxy=proxy) for c in columns]
+    return format_table(
+        ["method", *titles], [[name, *(row.get(c, "-") for c in columns)] for name, row in rows.items()]
+    )
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table: first column left-aligned, the others right-aligned, floats with 4 significant digits."""
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        )
+
+    return "\n".join("  " + line(values) for values in [list(map(str, headers)), *cells])
+
+
+def machine_info() -> dict[str, Any]:
+    """What a measured figure depends on: Python, CPU, load average, thread settings, library versions."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "numpy": np.__version__,
+        "thread_env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+        },
+    }
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas_threads"] = {p.get("internal_api", "?"): p.get("num_threads") for p in threadpool_info()}
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
