@@ -15,7 +15,7 @@ The four objectives, each minimised over all ``W'`` of rank ≤ k:
 4. :func:`aa_svd`       ``‖X Wᵀ − X' W'ᵀ‖²``   (anchored: the compressed layer, fed what it will see, reproduces
    what the original layer produced from the original inputs)
 
-Objectives 2–4 are one quadratic, ``L(W') = tr(W' Q W'ᵀ) − 2 tr(W P W'ᵀ) + tr(W R Wᵀ)`` with ``(R, P, Q) =
+Objectives 2–4 are one quadratic, ``ℓ(W') = tr(W' Q W'ᵀ) − 2 tr(W P W'ᵀ) + tr(W R Wᵀ)`` with ``(R, P, Q) =
 (G, C, G')`` (objective 4), ``(G, G, G)`` (2) or ``(G', G', G')`` (3), and :func:`whitened_svd` minimises it in
 closed form. **Damping**: each is solved with ``δ · I`` added to all three of ``R, P, Q``, ``δ = λ · mean(diag Q)``
 (``λ = DEFAULT_DAMPING``, the hessian objective's rule): as if ``√δ · I`` were ``d_in`` extra calibration tokens
