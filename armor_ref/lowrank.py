@@ -1,4 +1,4 @@
-"""Low-rank layer objectives (AA-SVD, docs/aa-svd-spec.md §1–§3): the plain reference of four closed forms.
+"""Low-rank layer objectives (AA-SVD, docs/aa-svd-spec.md §1–§5): the plain reference of four closed forms.
 
 A layer ``y = W x``, ``W`` (d_out, d_in), is replaced by ``W' = U V`` with ``U`` (d_out, k) and ``V`` (k, d_in).
 Rows of the activation matrices are tokens. ``X`` (N, d_in) are the layer's inputs in the original model, ``X'``
@@ -19,7 +19,7 @@ Objectives 2–4 are one quadratic, ``ℓ(W') = tr(W' Q W'ᵀ) − 2 tr(W P W'�
 (G, C, G')`` (objective 4), ``(G, G, G)`` (2) or ``(G', G', G')`` (3), and :func:`whitened_svd` minimises it in
 closed form. **Damping**: each is solved with ``δ · I`` added to all three of ``R, P, Q``, ``δ = λ · mean(diag Q)``
 (``λ = DEFAULT_DAMPING``, the hessian objective's rule): as if ``√δ · I`` were ``d_in`` extra calibration tokens
-fed identically to both streams. The damped loss is ``L(W') + δ ‖W − W'‖²_F`` — a ridge towards the original
+fed identically to both streams. The damped loss is ``ℓ(W') + δ ‖W − W'‖²_F`` — a ridge towards the original
 weights, exactly the hessian objective's damping when ``X' = X`` (AA-SVD's public code instead adds
 ``(−λ_min + 10⁻³) · I`` to ``G'`` alone, and only when its Cholesky factorisation fails; see the spec).
 Each ``*_loss`` function below evaluates the objective its solver minimises; ``damping=0`` gives the raw
