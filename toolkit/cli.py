@@ -62,7 +62,7 @@ class ArmorGroup(click.Group):
             message, code = f"{os_error_message(err)}; check the path, its permissions and the free space", EXIT_FAILURE
         except click.ClickException as err:  # usage errors: exit 2, like every input error
             command = err.ctx.command_path if isinstance(err, click.UsageError) and err.ctx else ctx.command_path
-            message, code = f"{err.format_message()}; see {command} --help", err.exit_code
+            message, code = f"{err.format_message().rstrip('.')}; see {command} --help", err.exit_code
         click.echo("error: " + " ".join(message.split()), err=True)
         ctx.exit(code)
 

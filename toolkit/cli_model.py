@@ -145,7 +145,9 @@ def compress(
     )
     _init_distributed(device)
     report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
-    if report:
+    if report.get("already_complete"):
+        click.echo(f"{out_dir} already holds this finished run; every file matches its manifest, nothing to do")
+    elif report:
         errors = [layer["relative_output_error"] for layer in report["layers"]]
         click.echo(
             f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s; "

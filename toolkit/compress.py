@@ -387,7 +387,10 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
                     pass
                 if len(seen) != len(linears):
                     missing = sorted(set(linears) - set(seen))
-                    raise ArmorError(f"linear(s) {', '.join(missing)} were not called by the block's forward")
+                    raise ArmorError(
+                        f"linear(s) {', '.join(missing)} were not called by the block's forward",
+                        "this architecture's layout in toolkit/models.py does not fit the model",
+                    )
     finally:
         for h in handles:
             h.remove()
@@ -597,7 +600,9 @@ def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSe
     require_device(settings.device)
     if settings.lm_head:
         if layout.final_norm is None:
-            raise ArmorError(f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress")
+            raise ArmorError(
+                f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress", "leave out --lm-head"
+            )
         vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
         if vocab % settings.block_size or hidden % settings.block_size:
             raise ArmorError(
@@ -621,7 +626,7 @@ def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSe
         head_name = module_names(model)[id(model.get_output_embeddings())]
         compressed_head = {checkpoint_name(f"{head_name}.weight", locations)} - {None}
     rest_names = sorted(set(locations).difference(*block_names, compressed_head))
-    for name in rest_names:  # block tensors are checked as their block is read
+    for name in sorted(set(locations).difference(*block_names)):  # block tensors: as their block is read
         require_finite(read_checkpoint_tensor(locations, name), f"checkpoint tensor {name}")
     windows = calibration_windows(load_tokenizer(model_dir), text, settings.nsamples, settings.seqlen, settings.seed)
     rank, world = dist_rank_world()
@@ -1010,8 +1015,9 @@ def compress_model(
 
     ``resume``: continue the run recorded in ``out_dir`` (same settings and inputs required) from its last finished
     block; the output files are bitwise identical to an uninterrupted run's. A finished run is checked and its
-    report returned. ``on_block_done(i)`` is called after block ``i`` is durably saved (tests use it to interrupt a
-    run). See the module docstring for the phases and what is guaranteed after a kill or a full disk.
+    report returned, with ``"already_complete": True``. ``on_block_done(i)`` is called after block ``i`` is durably
+    saved (tests use it to interrupt a run). See the module docstring for the phases and what is guaranteed after a
+    kill or a full disk.
     """
     t_start = time.perf_counter()
     run = plan_run(model_dir, out_dir, calib_text, settings, resume)
@@ -1029,7 +1035,7 @@ def compress_model(
             if not output.writer:
                 return {}
             with open(output.path(REPORT_FILE), encoding="utf-8") as fh:
-                return json.load(fh)
+                return {**json.load(fh), "already_complete": True}
         compress_blocks(run, output, on_block_done, progress)
         return finish_run(run, output, t_start)
     finally:

@@ -125,12 +125,12 @@ def perplexity(
     the tokens no earlier window scored. Returns ``{"perplexity", "tokens", "nll"}``."""
     torch = require_torch()
     if not 0 < stride <= max_length:
-        raise ArmorError("need 0 < stride <= max_length")
+        raise ArmorError("need 0 < stride <= max_length", "choose --stride and --max-length accordingly")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise ArmorError("the text has fewer than 2 tokens")
+        raise ArmorError("the text has fewer than 2 tokens", "give a longer text")
     nll_sum, counted, prev_end = 0.0, 0, 0
     with torch.no_grad():
         for begin in range(0, len(ids), stride):
@@ -175,7 +175,9 @@ def evaluate_model(
     if reference_dir is not None:
         ref_config = read_config(reference_dir)
         if ref_config.get("model_type") != config.get("model_type"):
-            raise ArmorError("the reference model has a different architecture")
+            raise ArmorError(
+                "the reference model has a different architecture", "give the dense model the compressed one came from"
+            )
     model, layout = load_model(model_dir, device, dtype)
     tokenizer = load_tokenizer(model_dir)
     cache_key = (os.path.abspath(reference_dir), text_file, max_passages) if reference_dir is not None else None

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EXIT_FAILURE, ArmorError
-from .files import fault_point
+from .files import fault_point, write_failed
 
 try:
     import fcntl
@@ -109,6 +109,7 @@ class RunLock:
             return
         try:
             if _same_file(self.fd, self.path):
+                fault_point("remove", self.path)
                 self.path.unlink()
         finally:
             os.close(self.fd)  # drops the flock
@@ -170,10 +171,13 @@ def acquire_lock(directory: str | os.PathLike) -> RunLock:
                     exit_code=EXIT_FAILURE,
                 )
             record = json.dumps(asdict(LockOwner.of_this_process()), sort_keys=True).encode()
-            fault_point("write", path)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record, 0)
-            os.fsync(fd)
+            try:
+                fault_point("write", path)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record, 0)
+                os.fsync(fd)
+            except OSError as err:
+                raise write_failed(path, err) from None
             return RunLock(fd, path, owner)
         except BaseException:
             try:

@@ -101,7 +101,7 @@ LAYOUTS: dict[str, Layout] = {
 def read_config(model_dir: str) -> dict[str, Any]:
     """``config.json`` of ``model_dir``; :class:`ArmorError` when the directory or the file is missing/bad."""
     if not os.path.isdir(model_dir):
-        raise ArmorError(f"model directory {model_dir!r} does not exist")
+        raise ArmorError(f"model directory {model_dir!r} does not exist", "check the path")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ArmorError(f"{model_dir!r} has no config.json; expected a Hugging Face model directory")
@@ -109,9 +109,9 @@ def read_config(model_dir: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ArmorError(f"cannot read {path}: {exc}") from None
+        raise ArmorError(f"cannot read {path}: {exc}", "restore the model's config.json") from None
     if not isinstance(config, dict):
-        raise ArmorError(f"{path} does not hold a JSON object")
+        raise ArmorError(f"{path} does not hold a JSON object", "restore the model's config.json")
     return config
 
 
@@ -134,12 +134,14 @@ def weight_files(model_dir: str) -> list[str]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
-            raise ArmorError(f"{index} names missing shard(s): {', '.join(missing)}")
+            raise ArmorError(f"{index} names missing shard(s): {', '.join(missing)}", "restore the missing shard files")
         return [os.path.join(model_dir, f) for f in files]
     single = os.path.join(model_dir, WEIGHTS_FILE)
     if os.path.isfile(single):
         return [single]
-    raise ArmorError(f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+    raise ArmorError(
+        f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}", "give a Hugging Face directory saved as safetensors"
+    )
 
 
 def read_weight_map(index: str) -> dict[str, str]:
@@ -158,20 +160,22 @@ def read_weight_map(index: str) -> dict[str, str]:
 
 def tensor_locations(model_dir: str) -> dict[str, str]:
     """Map every tensor name of the checkpoint to the safetensors file holding it. Every shard's header is read and
-    checked against its file size (a truncated or corrupted shard is an error here, before anything runs), and a
-    sharded checkpoint's index must agree with its shards: a tensor the index names must be in the shard it names."""
-    locations: dict[str, str] = {}
+    checked against its file size (a truncated or corrupted shard is an error here, before anything runs). In a
+    sharded checkpoint the index decides, as it does for Hugging Face's loader: its tensors, each of which must be
+    in the shard it names (a tensor a shard holds but the index omits is not part of the checkpoint)."""
+    in_files = {}
     for path in weight_files(model_dir):
-        for name in read_safetensors_header(path)[0]:
-            locations[name] = path
+        in_files.update({name: path for name in read_safetensors_header(path)[0]})
     index = os.path.join(model_dir, WEIGHTS_INDEX)
-    if os.path.isfile(index):
-        for name, shard in sorted(read_weight_map(index).items()):
-            if locations.get(name) != os.path.join(model_dir, shard):
-                raise ArmorError(
-                    f"{index} lists {name} in {shard}, but that shard does not hold it",
-                    "restore the checkpoint (its index and shards come from different saves)",
-                )
+    if not os.path.isfile(index):
+        return in_files
+    locations = {name: os.path.join(model_dir, shard) for name, shard in sorted(read_weight_map(index).items())}
+    for name, path in locations.items():
+        if in_files.get(name) != path:
+            raise ArmorError(
+                f"{index} lists {name} in {os.path.basename(path)}, but that shard does not hold it",
+                "restore the checkpoint (its index and shards come from different saves)",
+            )
     return locations
 
 
