@@ -367,34 +367,35 @@ def test_a_recycled_pid_does_not_keep_a_dead_lock_alive_and_another_host_is_not_
         acquire_lock(tmp_path)
 
 
-def test_two_runs_started_together_one_wins_the_other_stops_cleanly(run, tmp_path):
-    """Two real processes, different methods, one output directory: exactly one finishes; the other stops with one
-    line (in use, or not empty if it came late); the directory holds one consistent, verified run."""
+def test_a_second_run_started_at_any_step_of_the_first_is_refused_and_writes_nothing(run, tmp_path):
+    """At every durable step of a run, a second run on its directory is started: the same command with --resume (the
+    nastiest: it would pass every check but the lock) and a run with another method. Each stops with one line, exit 1
+    (in use) or 2 (not empty, without --resume), and leaves the directory exactly as it found it; the first run then
+    finishes to the reference bytes."""
     out = tmp_path / "out"
-    env = {**os.environ, **SINGLE_THREAD}
-    base = [sys.executable, "-m", "toolkit", "compress", str(run.model), "-o", str(out), "--calib-text", str(run.calib)]
-    methods = ["sparsegpt", "magnitude"]
-    procs = [
-        subprocess.Popen(
-            [*base, *CLI_OPTIONS, "--method", method, "--quiet"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for method in methods
-    ]
-    outcomes = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
-    winners = [m for m, (code, _) in zip(methods, outcomes, strict=True) if code == 0]
-    assert len(winners) == 1, outcomes
-    code, stderr = next(o for o in outcomes if o[0] != 0)
-    assert code in (EXIT_FAILURE, EXIT_INPUT) and len(stderr.strip().splitlines()) == 1, stderr
-    assert "in use by another armor-ref run" in stderr or "is not empty" in stderr, stderr
-    manifest = verify_run(out)
-    assert manifest["settings"]["method"] == winners[0]
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["method"] == winners[0]
-    if winners[0] == "sparsegpt":
-        assert_same_as_reference(run, out)
+    outcomes = []
+
+    def second_runs(stage: str, path: Path) -> None:
+        FAULTS.hook = None  # the second runs write nothing; no recursion either way
+        try:
+            before = tree(out)
+            same = compress_cli(run.model, out, run.calib, "--resume")
+            assert_one_line_error(same, EXIT_FAILURE, "is in use by another armor-ref run")
+            other = compress_cli(run.model, out, run.calib, "--method", "magnitude")
+            code = EXIT_FAILURE if not (out / MANIFEST_FILE).exists() else EXIT_INPUT
+            assert_one_line_error(other, code, "is in use" if code == EXIT_FAILURE else "is not empty")
+            assert tree(out) == before
+            outcomes.append((stage, str(path.relative_to(out))))
+        finally:
+            FAULTS.hook = second_runs
+
+    FAULTS.hook = second_runs
+    try:
+        report = compress_model(str(run.model), str(out), str(run.calib), CompressSettings(**SETTINGS), progress=False)
+    finally:
+        FAULTS.hook = None
+    assert outcomes == [(stage, name) for stage, name, _ in run.steps]
+    assert_same_as_reference(run, out, report)
 
 
 # ----------------------------------------------------------------------------------------------------------
