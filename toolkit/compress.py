@@ -504,11 +504,15 @@ def check_settings(settings: CompressSettings) -> None:
 
 
 def is_empty_output(out_dir: str) -> bool:
-    """True for a directory that is absent or holds nothing but what a killed run leaves before its first manifest:
-    its lock file and temporary files."""
+    """True for a directory that is absent or holds nothing but what a run killed before its first manifest leaves:
+    its lock file and the manifest's temporary file."""
     if not os.path.isdir(out_dir):
         return True
-    return all(name == LOCK_FILE or TEMPORARY_NAME.match(name) for name in os.listdir(out_dir))
+    manifest_temporary = f".{MANIFEST_FILE}."
+    return all(
+        name == LOCK_FILE or (TEMPORARY_NAME.match(name) and name.startswith(manifest_temporary))
+        for name in os.listdir(out_dir)
+    )
 
 
 def check_output_directory(model_dir: str, out_dir: str, resume: bool) -> None:

@@ -36,7 +36,7 @@ from .files import fault_point, write_failed
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the owner record alone decides
+except ImportError:  # Windows: no flock, so no way to tell a dead owner from a live one: any record is refused
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".armor-lock"
@@ -154,7 +154,7 @@ def acquire_lock(directory: str | os.PathLike) -> RunLock:
         try:
             held = _held_by_other(fd)
             owner = _read_owner(fd)
-            if held or (owner is not None and owner.running_here()):
+            if held or (owner is not None and (fcntl is None or owner.running_here())):
                 who = owner.describe() if owner else "an owner still starting"
                 raise ArmorError(
                     f"{directory} is in use by another armor-ref run ({who})",
