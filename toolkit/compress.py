@@ -568,6 +568,20 @@ def check_model_tensors(model: Any, blocks: Any, locations: dict[str, str], layo
                 ) from None
 
 
+def check_lm_head(config: dict[str, Any], layout: Layout, block_size: int) -> None:
+    """``--lm-head`` needs a causal LM whose head splits into blocks of ``block_size``."""
+    if layout.final_norm is None:
+        raise ArmorError(
+            f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress", "leave out --lm-head"
+        )
+    vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
+    if vocab % block_size or hidden % block_size:
+        raise ArmorError(
+            f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {block_size}",
+            "leave the head dense or choose another --block-size",
+        )
+
+
 def block_tensor_names(model: Any, block: Any, locations: dict[str, str]) -> set[str]:
     """Checkpoint tensor names that belong to ``block`` (parameters and persistent buffers)."""
     prefix = module_names(model)[id(block)]
@@ -603,16 +617,7 @@ def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSe
     check_output_directory(model_dir, out_dir, resume)
     require_device(settings.device)
     if settings.lm_head:
-        if layout.final_norm is None:
-            raise ArmorError(
-                f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress", "leave out --lm-head"
-            )
-        vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
-        if vocab % settings.block_size or hidden % settings.block_size:
-            raise ArmorError(
-                f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {settings.block_size}",
-                "leave the head dense or choose another --block-size",
-            )
+        check_lm_head(config, layout, settings.block_size)
     factorize = None
     if settings.method.startswith("armor-"):
         from backends import BackendUnavailable, get_factorize
@@ -770,30 +775,36 @@ class Output:
             self.progress["stream"] = {"file": name, "sha256": file_sha256(self.path(name))}
         return old["file"] if old else None
 
-    def save_block(self, i: int, tensors: dict[str, Any], reports: list[dict], stream: CalibrationStream) -> None:
-        """Block ``i`` is done: its shard, the stream entering the next block (when anything comes after), then the
-        manifest; the stream it replaces is removed after."""
-        if not self.writer:
-            return
-        self.write_shard(block_shard_name(i), tensors)
+    def save_block(self, i: int, tensors: dict, layers: list[dict], timing: dict, stream: CalibrationStream) -> None:
+        """Block ``i`` is done; the stream entering the next block is kept when anything comes after."""
         more = i + 1 < len(self.run.block_names) or self.run.settings.lm_head
-        old = self.save_stream(i + 1, stream if more else None)
-        self.progress["finished_blocks"] = i + 1
-        self.progress["layers"] += [r for r in reports if "name" in r]
-        self.progress["blocks"] += [r for r in reports if "name" not in r]
-        self.commit()
-        if old:
-            remove_path(self.path(old))
+        self.save_step(
+            block_shard_name(i), tensors, layers, timing, i + 1, stream if more else None, finished_blocks=i + 1
+        )
 
-    def save_head(self, tensors: dict[str, Any], reports: list[dict]) -> None:
-        """The LM head is done: its shard, then the manifest; the stream that fed it is removed after."""
+    def save_head(self, tensors: dict, layers: list[dict], timing: dict) -> None:
+        """The LM head is done; nothing comes after it."""
+        self.save_step(HEAD_SHARD, tensors, layers, timing, len(self.run.block_names), None, head_done=True)
+
+    def save_step(
+        self,
+        shard: str,
+        tensors: dict,
+        layers: list[dict],
+        timing: dict,
+        next_step: int,
+        stream: CalibrationStream | None,
+        **progress: Any,
+    ) -> None:
+        """A step is done: its shard, the stream entering the next step (if any), then the manifest — the write that
+        makes the step finished — and last the removal of the stream it replaces (rank 0 only)."""
         if not self.writer:
             return
-        self.write_shard(HEAD_SHARD, tensors)
-        old = self.save_stream(len(self.run.block_names), None)
-        self.progress["head_done"] = True
-        self.progress["layers"] += [r for r in reports if "name" in r]
-        self.progress["blocks"] += [r for r in reports if "name" not in r]
+        self.write_shard(shard, tensors)
+        old = self.save_stream(next_step, stream)
+        self.progress.update(progress)
+        self.progress["layers"] += layers
+        self.progress["blocks"].append(timing)
         self.commit()
         if old:
             remove_path(self.path(old))
@@ -897,7 +908,7 @@ def compress_blocks(run: Run, output: Output, on_block_done: Callable[[int], Non
             {"block": i, "name": f"{prefix}.{rel}", "shape": list(r.S.shape), **r.report} for rel, r in results.items()
         ]
         timing = {"block": i, "seconds": time.perf_counter() - t_block, "cpu_seconds": time.process_time() - cpu_block}
-        output.save_block(i, block_tensors(run, i, results), [*reports, timing], stream)
+        output.save_block(i, block_tensors(run, i, results), reports, timing, stream)
         release_block(run.blocks[i])
         bar_blocks.update(1)
         if run.world > 1:
@@ -934,7 +945,7 @@ def compress_lm_head(run: Run, output: Output, stream: CalibrationStream) -> Non
     stem = (checkpoint_name(f"{name}.weight", run.locations) or f"{name}.weight").removesuffix(".weight")
     report = {"block": None, "name": name, "shape": list(result.S.shape), **result.report}
     timing = {"block": "lm_head", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
-    output.save_head(armor_tensors(stem, result), [report, timing])
+    output.save_head(armor_tensors(stem, result), [report], timing)
 
 
 # ----------------------------------------------------------------------------------------------------------
