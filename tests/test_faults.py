@@ -289,6 +289,31 @@ def test_a_full_disk_at_any_write_fails_in_one_line_and_resumes(run, tmp_path):
     print("\n".join(table))
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_FSIZE and SIGXFSZ (Linux)")
+def test_a_real_refused_write_in_the_middle_of_a_shard_fails_in_one_line_and_resumes(run, tmp_path):
+    """Not a hook: the kernel refuses the write (``RLIMIT_FSIZE``, EFBIG) part-way through the first block shard's
+    tensor bytes (152 KB; the lock, the manifest and the stream are smaller than the 100 KB limit)."""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        result = compress_cli(run.model, out, run.calib)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    line = assert_one_line_error(result, EXIT_FAILURE, "model-block-00000.safetensors (File too large)")
+    assert "cannot write" in line
+    assert_untrusted(out)
+    assert not [p for p in tree(out) if p.endswith(".tmp")]
+    result = compress_cli(run.model, out, run.calib, "--resume")
+    assert result.exit_code == 0, result.output
+    assert_same_as_reference(run, out)
+
+
 def test_factorize_on_a_full_disk_fails_in_one_line_and_leaves_nothing(tmp_path):
     model = make_small_model(tmp_path)
     before = tree(tmp_path)
