@@ -540,8 +540,22 @@ TAMPERING = {
 }
 
 
+def test_an_unaltered_run_is_inspected_reconstructed_and_loaded(run, tmp_path):
+    result = invoke("inspect", run.out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run.out / MANIFEST_FILE).read_text())
+    assert f"all {len(manifest['outputs'])} files match the run's manifest" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("model.", "lm_head"))]
+    assert len(rows) == 2 * 7 + 1 and all(row[2] == "ok" for row in rows)
+    shard = run.out / "model-block-00001.safetensors"
+    assert invoke("inspect", shard).exit_code == 0
+    assert invoke("reconstruct", shard, "-o", tmp_path / "dense.safetensors").exit_code == 0
+    model, _ = load_model(str(run.out))
+    assert type(model.lm_head).__name__ == "ArmorLinear"
+
+
 @pytest.mark.parametrize("case", list(TAMPERING))
-def test_tampered_outputs_are_refused_by_eval_inspect_and_the_loader(run, tmp_path, case):
+def test_tampered_outputs_are_refused_by_eval_inspect_reconstruct_and_the_loader(run, tmp_path, case):
     out = tmp_path / "out"
     shutil.copytree(run.out, out)
     tamper, message = TAMPERING[case]
@@ -550,6 +564,9 @@ def test_tampered_outputs_are_refused_by_eval_inspect_and_the_loader(run, tmp_pa
     assert_one_line_error(invoke("inspect", out), EXIT_INPUT, message)
     if (out / shard).exists() and (out / MANIFEST_FILE).exists():  # one file of the run, checked on its own
         assert_one_line_error(invoke("inspect", out / shard), EXIT_INPUT, message)
+        dense = tmp_path / "dense.safetensors"
+        assert_one_line_error(invoke("reconstruct", out / shard, "-o", dense), EXIT_INPUT, message)
+        assert not dense.exists()
     with pytest.raises(ArmorError, match=message):
         load_model(str(out))
 

@@ -39,7 +39,7 @@ from .calibration import load_calibration
 from .cli_model import register_model_commands
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
 from .files import read_safetensors, write_json, write_safetensors
-from .manifest import MANIFEST_FILE, verify_run
+from .manifest import verify_file, verify_run
 from .report import compare_with_baselines, comparison_table, format_table, layer_metrics, output_error
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -584,8 +584,7 @@ def inspect(path: Path) -> None:
         )
         click.echo(armor_table([checked_armor_file(path / name) for name in shards]))
         return
-    if (path.parent / MANIFEST_FILE).is_file():
-        verify_run(path.parent, files=[path.name])
+    verify_file(path)
     tensors, metadata = read_finite_safetensors(path)
     if metadata.get("format") != ARMOR_FORMAT:
         click.echo(f"{path}: plain safetensors file, {len(tensors)} tensors")
@@ -657,7 +656,8 @@ def armor_table(armors: Sequence[ArmorFile]) -> str:
 )
 def reconstruct(file: Path, output: Path | None) -> None:
     """Rebuild dense weights from an ARMOR FILE: Ŵ = blockdiag(A) · S · blockdiag(B) in float32 under the
-    original tensor names, plus every passthrough tensor, as a plain safetensors file.
+    original tensor names, plus every passthrough tensor, as a plain safetensors file. A shard written by
+    `armor-ref compress` is first checked against its run's manifest.
 
     \b
     Example:
@@ -665,6 +665,7 @@ def reconstruct(file: Path, output: Path | None) -> None:
     """
     output = output or sibling_path(file, ".dense.safetensors")
     check_output_path(output, [file])
+    verify_file(file)
     armor = load_armor(file)
     dense = {name: armor.reconstruct(name, np.float32) for name in armor.names}
     write_safetensors(output, {**armor.passthrough, **dense}, {"format": "dense", "source": file.name})

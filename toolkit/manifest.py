@@ -157,3 +157,12 @@ def verify_run(directory: str | os.PathLike, files: Iterable[str] | None = None)
             "compress the model again into a new directory",
         )
     return manifest
+
+
+def verify_file(path: str | os.PathLike) -> None:
+    """:func:`verify_run` for one file, when its directory holds a run manifest (a shard written by ``compress``):
+    the run is finished and the file matches its recorded sha256. Files elsewhere are not checked (nothing recorded
+    them)."""
+    path = Path(path)
+    if (path.parent / MANIFEST_FILE).is_file():
+        verify_run(path.parent, files=[path.name])
