@@ -9,11 +9,13 @@ so a failed command leaves no output file behind and never touches its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -29,15 +31,16 @@ from armor_ref.factorization import (
     check_shapes,
 )
 from armor_ref.masks import GROUP, has_two_per_group, is_2of4
-from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss, relative_output_error
+from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss
 from backends import BACKENDS, BackendUnavailable, get_factorize
 
-from .armor_format import ARMOR_FORMAT, load_armor, save_armor
+from .armor_format import ARMOR_FORMAT, ArmorFile, load_armor, save_armor
 from .calibration import load_calibration
 from .cli_model import register_model_commands
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
 from .files import read_safetensors, write_json, write_safetensors
-from .report import compare_with_baselines, comparison_table, format_table, layer_metrics
+from .manifest import verify_file, verify_run
+from .report import compare_with_baselines, comparison_table, format_table, layer_metrics, output_error
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
@@ -47,8 +50,8 @@ DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets that keep `armor-ref d
 
 
 class ArmorGroup(click.Group):
-    """A click group that turns every :class:`ArmorError` (and an ``OSError`` from the disk) into one line on stderr
-    and the error's exit code, with no traceback."""
+    """A click group that turns every :class:`ArmorError`, an ``OSError`` from the disk and click's own usage errors
+    (missing or out-of-range options) into one line on stderr and the error's exit code, with no traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -57,6 +60,9 @@ class ArmorGroup(click.Group):
             message, code = str(err), err.exit_code
         except OSError as err:  # unreadable input, unwritable output, full disk, ...
             message, code = f"{os_error_message(err)}; check the path, its permissions and the free space", EXIT_FAILURE
+        except click.ClickException as err:  # usage errors: exit 2, like every input error
+            command = err.ctx.command_path if isinstance(err, click.UsageError) and err.ctx else ctx.command_path
+            message, code = f"{err.format_message().rstrip('.')}; see {command} --help", err.exit_code
         click.echo("error: " + " ".join(message.split()), err=True)
         ctx.exit(code)
 
@@ -94,6 +100,13 @@ def sibling_path(path: Path, suffix: str) -> Path:
     """``model.safetensors`` -> ``model<suffix>`` in the same directory."""
     stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
     return path.with_name(stem + suffix)
+
+
+def finite_non_negative(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Click callback: a finite number ≥ 0 (``nan`` and ``inf`` parse as floats but mean nothing here)."""
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a finite number >= 0", ctx, param)
+    return value
 
 
 def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
@@ -199,6 +212,18 @@ def run_with_progress(factorize_fn: Callable, label: str, budget: int, W: np.nda
     return result
 
 
+@contextlib.contextmanager
+def numerical_failures(name: str) -> Iterator[None]:
+    """Turn a linear-algebra failure inside the block into a one-line error naming tensor ``name``."""
+    try:
+        yield
+    except np.linalg.LinAlgError as err:
+        raise ArmorError(
+            f"tensor {name!r}: the computation failed numerically ({err})",
+            "check the weights and the calibration data for extreme values",
+        ) from None
+
+
 def resolve_factorize(backend: str, device: str) -> Callable:
     """The backend's ``factorize``; an unavailable backend or device is an input error (its own advice kept)."""
     try:
@@ -265,10 +290,16 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     type=float,
     default=DEFAULT_TOL,
     show_default=True,
-    help="Stop when a sweep improves the loss by less than this fraction.",
+    callback=finite_non_negative,
+    help="Stop when a sweep improves the loss by less than this fraction (>= 0).",
 )
 @click.option(
-    "--damping", type=float, default=DEFAULT_DAMPING, show_default=True, help="Hessian damping λ: H + λ·mean(diag H)·I."
+    "--damping",
+    type=float,
+    default=DEFAULT_DAMPING,
+    show_default=True,
+    callback=finite_non_negative,
+    help="Hessian damping λ >= 0: H + λ·mean(diag H)·I.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random group order.")
 @click.option(
@@ -359,22 +390,23 @@ def factorize(
         W = tensors[name].astype(np.float64)
         gram, n_tokens = grams[name]
         held_gram = held_grams[name][0] if held_grams else None
-        base = compare_with_baselines(W, gram, proxy, damping, held_gram)
-        result = run_with_progress(
-            factorize_fn,
-            name,
-            budget,
-            W,
-            gram,
-            proxy=proxy,
-            init=init_name,
-            block_size=block_size,
-            tol=tol,
-            seed=seed,
-            schedule=schedule,
-            damping=damping,
-        )
-        armor = {**layer_metrics(W, result.W_hat(), gram, proxy, damping, held_gram), "seconds": result.seconds}
+        with numerical_failures(name):
+            base = compare_with_baselines(W, gram, proxy, damping, held_gram)
+            result = run_with_progress(
+                factorize_fn,
+                name,
+                budget,
+                W,
+                gram,
+                proxy=proxy,
+                init=init_name,
+                block_size=block_size,
+                tol=tol,
+                seed=seed,
+                schedule=schedule,
+                damping=damping,
+            )
+            armor = {**layer_metrics(W, result.W_hat(), gram, proxy, damping, held_gram), "seconds": result.seconds}
         results[name] = result
         per_tensor[name] = tensor_report(W, n_tokens, base, armor, result)
         click.echo(factorize_table(name, per_tensor[name]) + "\n")
@@ -508,7 +540,12 @@ def prune(weights: Path, calib: Path, method: str, output: Path | None, patterns
         S, _ = run_baseline(method, W, gram)
         pruned[name] = S.astype(tensors[name].dtype)
         rows.append(
-            [name, f"{W.shape[0]}x{W.shape[1]}", nowag_loss(W, S, np.diag(gram)), relative_output_error(W, S, gram)]
+            [
+                name,
+                f"{W.shape[0]}x{W.shape[1]}",
+                nowag_loss(W, S, np.diag(gram)),
+                output_error(W, S, gram, f"output error of {name}"),
+            ]
         )
     click.echo(format_table(["tensor", "shape", "nowag loss", "calib out err"], rows))
     write_safetensors(
@@ -521,51 +558,88 @@ def prune(weights: Path, calib: Path, method: str, output: Path | None, patterns
 # inspect
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def inspect(file: Path) -> None:
-    """Describe a safetensors FILE: for an ARMOR file, each factorized tensor's shape, the 2:4 check and its
-    size against dense fp16/fp32; for any other file, each tensor's shape, dtype and whether it is 2:4.
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path: Path) -> None:
+    """Describe and check a safetensors file, or the output directory of `armor-ref compress`.
+
+    For an ARMOR file: each factorized tensor's shape, the 2:4 check and its size against dense fp16/fp32; for any
+    other file: each tensor's shape, dtype and whether it is 2:4. Every tensor must be finite: NaN or Inf is an error
+    naming the tensor, never "ok". A file written by `armor-ref compress` (or its whole directory) is first checked
+    against the run's manifest: the run must be finished and every file must match the sha256 the run recorded.
 
     \b
-    Example:
+    Examples:
         armor-ref inspect model.armor.safetensors
+        armor-ref inspect ./compressed-model            # a compress output directory: verified, then described
     """
-    tensors, metadata = read_safetensors(file)
+    if path.is_dir():
+        manifest = verify_run(path)
+        if manifest is None:
+            raise ArmorError(f"{path} holds no armor-ref compress run", "inspect its .safetensors files one by one")
+        shards = sorted(name for name in manifest["outputs"] if name.endswith(".safetensors"))
+        settings = manifest["settings"]
+        click.echo(
+            f"{path}: finished armor-ref compress run, method {settings.get('method')}, block size "
+            f"{settings.get('block_size')}; all {len(manifest['outputs'])} files match the run's manifest (sha256)"
+        )
+        click.echo(armor_table([checked_armor_file(path / name) for name in shards]))
+        return
+    verify_file(path)
+    tensors, metadata = read_finite_safetensors(path)
     if metadata.get("format") != ARMOR_FORMAT:
-        click.echo(f"{file}: plain safetensors file, {len(tensors)} tensors")
+        click.echo(f"{path}: plain safetensors file, {len(tensors)} tensors")
         rows = []
         for name, array in tensors.items():
             sparse = is_2of4(array) if array.ndim == 2 and array.dtype.kind == "f" else "-"
             rows.append([name, "x".join(map(str, array.shape)), str(array.dtype), sparse, array.nbytes])
         click.echo(format_table(["tensor", "shape", "dtype", "2:4", "bytes"], rows))
         return
-    armor = load_armor(file)
+    armor = load_armor(path)
     extras = ", ".join(f"{k}={metadata[k]}" for k in ("init", "schedule", "sweeps", "source") if k in metadata)
     click.echo(
-        f"{file}: ARMOR file, version {metadata.get('version')}, block size {armor.block_size}, "
+        f"{path}: ARMOR file, version {metadata.get('version')}, block size {armor.block_size}, "
         f"proxy {armor.proxy}" + (f" ({extras})" if extras else "")
     )
+    click.echo(armor_table([armor]))
+
+
+def read_finite_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`read_safetensors`, with every floating-point tensor finite (an error names the first that is not)."""
+    tensors, metadata = read_safetensors(path)
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ArmorError(f"{path}: tensor {name!r} holds NaN or Inf values", "the file is damaged; write it again")
+    return tensors, metadata
+
+
+def checked_armor_file(path: Path) -> ArmorFile:
+    """An ARMOR file with every tensor finite (:func:`read_finite_safetensors`) and every layer valid."""
+    read_finite_safetensors(path)
+    return load_armor(path)
+
+
+def armor_table(armors: Sequence[ArmorFile]) -> str:
+    """The table `armor-ref inspect` prints for ARMOR files: per factorized tensor, the 2:4 check and its bytes as
+    stored, at fp16, and dense; a total row; a line on the passthrough tensors."""
     rows, totals = [], np.zeros(4, dtype=np.int64)
-    for name in armor.names:
-        layer = armor.layers[name]
-        d_out, d_in = layer.shape
-        S, mask = layer.core()
-        ok = "ok" if is_2of4(S) and has_two_per_group(mask) else "FAILED"
-        stored = layer.A.nbytes + layer.B.nbytes + layer.values.nbytes + layer.index.nbytes
-        at_fp16 = (layer.A.size + layer.B.size + layer.values.size) * 2 + layer.index.nbytes
-        sizes = np.array([stored, at_fp16, d_out * d_in * 2, d_out * d_in * 4])
-        totals += sizes
-        rows.append([name, f"{d_out}x{d_in}", ok, *map(int, sizes), float(at_fp16 / (d_out * d_in * 2))])
+    for armor in armors:
+        for name in armor.names:
+            layer = armor.layers[name]
+            d_out, d_in = layer.shape
+            S, mask = layer.core()
+            ok = "ok" if is_2of4(S) and has_two_per_group(mask) else "FAILED"
+            stored = layer.A.nbytes + layer.B.nbytes + layer.values.nbytes + layer.index.nbytes
+            at_fp16 = (layer.A.size + layer.B.size + layer.values.size) * 2 + layer.index.nbytes
+            sizes = np.array([stored, at_fp16, d_out * d_in * 2, d_out * d_in * 4])
+            totals += sizes
+            rows.append([name, f"{d_out}x{d_in}", ok, *map(int, sizes), float(at_fp16 / (d_out * d_in * 2))])
     rows.append(["total", "", "", *map(int, totals), float(totals[1] / totals[2]) if totals[2] else 0.0])
-    click.echo(
-        format_table(
-            ["tensor", "shape", "2:4", "armor bytes", "armor@fp16", "dense fp16", "dense fp32", "armor@fp16/fp16"], rows
-        )
-    )
-    passthrough_bytes = sum(a.nbytes for a in armor.passthrough.values())
-    click.echo(
-        f"passthrough: {len(armor.passthrough)} tensors, {passthrough_bytes} bytes "
-        f"(armor bytes: as stored, values float32; armor@fp16: A, B, values in fp16)"
+    headers = ["tensor", "shape", "2:4", "armor bytes", "armor@fp16", "dense fp16", "dense fp32", "armor@fp16/fp16"]
+    passthrough = [array for armor in armors for array in armor.passthrough.values()]
+    return (
+        format_table(headers, rows) + f"\npassthrough: {len(passthrough)} tensors, "
+        f"{sum(a.nbytes for a in passthrough)} bytes (armor bytes: as stored, values float32; armor@fp16: A, B, "
+        "values in fp16)"
     )
 
 
@@ -582,7 +656,8 @@ def inspect(file: Path) -> None:
 )
 def reconstruct(file: Path, output: Path | None) -> None:
     """Rebuild dense weights from an ARMOR FILE: Ŵ = blockdiag(A) · S · blockdiag(B) in float32 under the
-    original tensor names, plus every passthrough tensor, as a plain safetensors file.
+    original tensor names, plus every passthrough tensor, as a plain safetensors file. A shard written by
+    `armor-ref compress` is first checked against its run's manifest.
 
     \b
     Example:
@@ -590,6 +665,7 @@ def reconstruct(file: Path, output: Path | None) -> None:
     """
     output = output or sibling_path(file, ".dense.safetensors")
     check_output_path(output, [file])
+    verify_file(file)
     armor = load_armor(file)
     dense = {name: armor.reconstruct(name, np.float32) for name in armor.names}
     write_safetensors(output, {**armor.passthrough, **dense}, {"format": "dense", "source": file.name})
