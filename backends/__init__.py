@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,9 @@ def _with_threads(factorize: Callable) -> Callable:
         with limit_threads(threads):
             return factorize(*args, **kwargs)
 
+    signature = inspect.signature(factorize)
+    threads = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None")
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), threads])  # type: ignore[attr-defined]
     return run
 
 

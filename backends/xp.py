@@ -91,6 +91,8 @@ class Namespace:
         if dtype is None and _is_floating(x):
             dtype = self.dtype
         if self.name == "torch":
+            if isinstance(x, np.ndarray) and not x.flags.writeable:  # torch warns on read-only memory (np.diag's view)
+                x = x.copy()
             return self.lib.as_tensor(x, dtype=dtype, device=self.device)
         return self.lib.asarray(x, dtype=dtype)
 
