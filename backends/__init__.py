@@ -88,10 +88,8 @@ def _with_threads(factorize: Callable) -> Callable:
 
     @functools.wraps(factorize)
     def run(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
-        from .threads import limit_threads, limits_active
+        from .threads import limit_threads
 
-        if threads is None and limits_active():
-            return factorize(*args, **kwargs)
         with limit_threads(threads):
             return factorize(*args, **kwargs)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +47,7 @@ from armor_ref.factorization import (
 from .baselines import BASELINES, run_baseline
 from .masks import GROUP, SupportTables, has_two_per_group, support_tables
 from .objectives import DEFAULT_DAMPING, Problem, make_problem
-from .threads import limit_threads, limits_active
+from .threads import limit_threads
 from .xp import Array, Namespace, dtype_name, make_namespace
 
 PSD_RTOL = 1e-12  # relative eigenvalue cut-off of the PSD pseudo-inverses (the reference's)
@@ -659,7 +658,7 @@ def factorize(
     default float64 on the CPU, float32 on a GPU). Nothing stays on the device after the call.
 
     ``threads``: BLAS and torch intra-op threads during the call (:func:`backends.threads.limit_threads`); ``None``
-    keeps the limits of an enclosing ``limit_threads`` block, or else takes :func:`backends.threads.default_threads`.
+    takes the count of an enclosing ``limit_threads`` block, or else :func:`backends.threads.default_threads`.
     """
     W = np.asarray(W, dtype=np.float64)
     d_out, d_in = W.shape
@@ -671,8 +670,7 @@ def factorize(
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
     sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
     xp = make_namespace(library, device, dtype)  # imports the library before the thread limits are set
-    threads_scope = nullcontext() if threads is None and limits_active() else limit_threads(threads)
-    with threads_scope, xp.scope():
+    with limit_threads(threads), xp.scope():
         t0 = time.perf_counter()
         W_x = xp.asarray(W)
         gram_x = xp.asarray(np.asarray(gram, dtype=np.float64))

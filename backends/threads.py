@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_depth = 0  # how many limit_threads blocks are open (the innermost one decides)
+_open: list[int] = []  # the thread counts of the limit_threads blocks now open, innermost last
 
 
 def available_cores() -> int:
@@ -27,29 +27,30 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """The thread count used when none is given: the cores this process may use minus those the 1-minute load
-    average says are busy, at least 1 (a loaded machine gets one thread, which is never badly oversubscribed)."""
-    cores = available_cores()
+    """The thread count used when none is given: the cores this process may use, minus those the 1-minute load
+    average says are busy, shared among the processes ``torchrun`` started on this machine; at least 1 (so a busy
+    machine gets one thread per process, which is never badly oversubscribed)."""
     try:
         busy = round(os.getloadavg()[0])
     except (AttributeError, OSError):
         busy = 0
-    return max(1, cores - busy)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, (available_cores() - busy) // processes)
 
 
-def limits_active() -> bool:
-    """True inside a :func:`limit_threads` block (then a call given no thread count keeps its limits)."""
-    return _depth > 0
+def current_limit() -> int | None:
+    """The thread count of the innermost open :func:`limit_threads` block; ``None`` outside any."""
+    return _open[-1] if _open else None
 
 
 @contextmanager
 def limit_threads(threads: int | None = None) -> Iterator[int]:
     """Run the block with ``threads`` BLAS threads (NumPy/SciPy's OpenBLAS or MKL, through threadpoolctl) and
-    ``threads`` torch intra-op threads (when torch is already imported); ``None`` means :func:`default_threads`.
-    The previous settings come back afterwards. Yields the count used."""
-    global _depth
+    ``threads`` torch intra-op threads (when torch is already imported). ``None``: the count of the enclosing block
+    if there is one (applied again, for a library imported since), else :func:`default_threads`. The previous
+    settings come back afterwards. Yields the count used."""
     if threads is None:
-        threads = default_threads()
+        threads = current_limit() or default_threads()
     if threads < 1:
         raise ValueError(f"thread count must be at least 1, not {threads}")
     from threadpoolctl import threadpool_limits
@@ -59,10 +60,10 @@ def limit_threads(threads: int | None = None) -> Iterator[int]:
     with threadpool_limits(limits=threads, user_api="blas"):
         if torch is not None:
             torch.set_num_threads(threads)
-        _depth += 1
+        _open.append(threads)
         try:
             yield threads
         finally:
-            _depth -= 1
+            _open.pop()
             if torch is not None:
                 torch.set_num_threads(previous_torch)

@@ -25,7 +25,7 @@ from backends import baselines as fast_baselines
 from backends import factorization as fast
 from backends import masks as fast_masks
 from backends import objectives as fast_objectives
-from backends.threads import default_threads, limit_threads, limits_active
+from backends.threads import current_limit, default_threads, limit_threads
 from backends.xp import make_namespace
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -362,13 +362,13 @@ def test_limit_threads_sets_and_restores_both_pools():
     before_blas = _blas_threads()
     torch = pytest.importorskip("torch") if HAS_TORCH else None
     before_torch = torch.get_num_threads() if torch else None
-    assert not limits_active()
+    assert current_limit() is None
     with limit_threads(1) as n:
-        assert n == 1 and limits_active()
+        assert n == 1 and current_limit() == 1
         assert _blas_threads() == {1}
         if torch:
             assert torch.get_num_threads() == 1
-    assert not limits_active() and _blas_threads() == before_blas
+    assert current_limit() is None and _blas_threads() == before_blas
     if torch:
         assert torch.get_num_threads() == before_torch
     with pytest.raises(ValueError, match="at least 1"):
@@ -378,7 +378,7 @@ def test_limit_threads_sets_and_restores_both_pools():
 
 
 def test_factorize_runs_under_its_thread_limit(monkeypatch):
-    """``threads=N`` applies N for the call; ``None`` inside a ``limit_threads`` block keeps the block's limit."""
+    """``threads=N`` applies N for the call; ``None`` inside a ``limit_threads`` block takes the block's count."""
     seen = []
     real_core_step = fast.core_values_step
 
@@ -392,3 +392,42 @@ def test_factorize_runs_under_its_thread_limit(monkeypatch):
     with limit_threads(2):
         get_factorize("numpy", "cpu")(W, H, block_size=8, sweeps=1)
     assert seen == [{1}, {2}]
+
+
+def test_default_threads_leave_busy_cores_and_other_ranks_alone(monkeypatch):
+    import backends.threads as threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.default_threads() == 8
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.default_threads() == 5  # three cores busy
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.default_threads() == 2  # five free cores shared by two torchrun processes
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
+    assert threads.default_threads() == 1
+
+
+def test_commands_take_threads_and_run_under_them(small_model, monkeypatch):
+    """``--threads`` on factorize (and the same option on demo, prune and compress): the factorization runs with
+    that many BLAS threads; 0 is a usage error."""
+    from click.testing import CliRunner
+
+    import backends.threads
+    from toolkit.cli import cli
+
+    seen = []
+    real_core_step = fast.core_values_step
+    monkeypatch.setattr(
+        fast, "core_values_step", lambda *a, **k: seen.append(_blas_threads()) or real_core_step(*a, **k)
+    )
+    monkeypatch.setattr(backends.threads, "default_threads", lambda: 2)  # not what --threads asks for
+    args = ["factorize", str(small_model.weights), "--calib", str(small_model.calib), "--block-size", "16"]
+    result = CliRunner().invoke(cli, [*args, "--sweeps", "1", "--tensors", "l2.*", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen == [{1}]
+    bad = CliRunner().invoke(cli, [*args, "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads" in bad.output
+    for command in ("demo", "prune", "compress"):
+        assert "--threads" in CliRunner().invoke(cli, [command, "--help"]).output

@@ -19,7 +19,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from armor_ref.baselines import BASELINES, run_baseline
 from armor_ref.factorization import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_INIT,
@@ -29,12 +28,14 @@ from armor_ref.factorization import (
     check_shapes,
 )
 from armor_ref.masks import GROUP, has_two_per_group, is_2of4
-from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss, relative_output_error
+from armor_ref.objectives import DEFAULT_DAMPING, PROXIES
 from backends import BACKENDS, BackendUnavailable, get_factorize
+from backends.baselines import BASELINES, run_baseline
+from backends.objectives import nowag_loss, relative_output_error
 
 from .armor_format import ARMOR_FORMAT, load_armor, save_armor
 from .calibration import load_calibration
-from .cli_model import register_model_commands
+from .cli_model import register_model_commands, threads_option
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
 from .files import read_safetensors, write_json, write_safetensors
 from .report import compare_with_baselines, comparison_table, format_table, layer_metrics
@@ -212,6 +213,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
 # factorize
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.argument("weights", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -455,6 +457,7 @@ def factorize_table(name: str, entry: dict) -> str:
 # prune
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.argument("weights", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -600,6 +603,7 @@ def reconstruct(file: Path, output: Path | None) -> None:
 # demo
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.option(
     "--tensors",
     "patterns",
@@ -642,8 +646,8 @@ def demo(
     held-out tokens from standard-library docstrings. For each weight it prints the nowag loss and the
     relative output error on calibration and held-out tokens of magnitude, Wanda, NoWag-P, SparseGPT,
     ARMOR (nowag proxy, from NoWag-P) and ARMOR (hessian objective, from SparseGPT). The sweep budgets are
-    kept small (about 18 s of single-core CPU time) so that it runs well within a minute on 2 CPU cores; on a
-    busy machine, OPENBLAS_NUM_THREADS=1 avoids BLAS threads competing for the cores.
+    kept small so that it runs well within a minute on 2 CPU cores; --threads sets the CPU threads (by default
+    the cores the load average does not show busy).
 
     \b
     Examples:

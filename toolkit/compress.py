@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from armor_ref.baselines import BASELINES, run_baseline
 from armor_ref.factorization import reconstruct
-from armor_ref.objectives import hessian_loss, nowag_loss, relative_output_error
+from backends.baselines import BASELINES, run_baseline
+from backends.objectives import hessian_loss, nowag_loss, relative_output_error
 
 from .armor_format import armor_metadata, armor_tensors
 from .errors import ArmorError
