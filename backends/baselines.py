@@ -40,11 +40,11 @@ def prune_nowag_p(W: Array, h: Array) -> tuple[Array, Array]:
 
 
 def inverse_hessian_cholesky(H: Array) -> Array:
-    """Upper-triangular ``U`` with ``H⁻¹ = Uᵀ U``: with ``H = L Lᵀ``, ``H⁻¹ = L⁻ᵀ L⁻¹``, and ``U`` is the transposed
-    lower Cholesky factor of that (the reference goes through SciPy's ``cho_solve``, which the other libraries lack)."""
+    """Upper-triangular ``U`` with ``H⁻¹ = Uᵀ U``: the transposed lower Cholesky factor of ``H⁻¹`` (symmetrised; the
+    reference inverts through SciPy's ``cho_solve``, which the other libraries lack)."""
     xp = namespace_of(H)
-    L_inv = xp.linalg.inv(xp.linalg.cholesky(H))
-    return xp.linalg.cholesky(L_inv.T @ L_inv).T
+    H_inv = xp.linalg.inv(H)
+    return xp.linalg.cholesky((H_inv + H_inv.T) / 2).T
 
 
 def prune_sparsegpt(

@@ -110,6 +110,11 @@ def lstsq_pinv(xp: Namespace, M: Array) -> Array:
     return xp.astype((xp.swapaxes(Vt, -1, -2) * inv_s[..., None, :]) @ xp.swapaxes(U, -1, -2), M.dtype)
 
 
+def dot(X: Array, Y: Array) -> float:
+    """``Σ_ij X_ij Y_ij`` (one BLAS dot product, no temporary)."""
+    return float(X.reshape(-1) @ Y.reshape(-1))
+
+
 def g_columns(G0: Array, dE: Array, H: Array, cols: slice) -> Array:
     """Columns ``cols`` of the current ``G = (T − Ŵ) H`` when ``Ŵ`` has changed by ``−dE`` on the columns before
     ``cols`` only (``dE`` is zero from ``cols.start`` on): ``G₀[:, cols] + dE[:, :start] H[:start, cols]``. This is
@@ -217,14 +222,13 @@ def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERA
     P = xp.diagonal(AtA, 0, -2, -1).reshape(d_out, 1, 1, 1) * C_kept  # (d_out, K, b/2, b/2), PSD
     del C_kept
     ridge = PRECONDITIONER_RIDGE[dtype_name(A.dtype)] * xp.diagonal(P, 0, -2, -1).sum(-1) / half + 1e-300
-    P_inv = xp.linalg.inv(P + ridge[..., None, None] * xp.eye(half, dtype=P.dtype))
+    P_inv = xp.linalg.inv(P + ridge[..., None, None] * xp.eye(half, dtype=P.dtype)).reshape(-1, half, half)
     del P
-    rows, blocks = xp.arange(d_out)[:, None, None], xp.arange(K)[None, :, None]
+    flat = (xp.arange(d_out * K)[:, None] * b + kept.reshape(-1, half)).reshape(-1)  # kept entries of S.reshape(-1)
 
     def precondition(X: Array) -> Array:
-        out = xp.zeros((d_out, K, b), dtype=X.dtype)
-        X_kept = xp.take_along_axis(X.reshape(d_out, K, b), kept, -1)
-        out[rows, blocks, kept] = (P_inv @ X_kept[..., None])[..., 0]
+        out = xp.zeros(d_out * d_in, dtype=X.dtype)
+        out[flat] = xp.einsum("nij,nj->ni", P_inv, X.reshape(-1)[flat].reshape(-1, half)).reshape(-1)
         return out.reshape(d_out, d_in)
 
     rhs = Mf * blockdiag_right(xp, blockdiag_left(transpose_blocks(xp, A), problem.target_times_H), Bt)
@@ -232,20 +236,20 @@ def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERA
     residual = rhs - operator(X)  # = −½ masked gradient
     z = precondition(residual)
     direction = xp.copy(z)
-    rz = float((residual * z).sum())
-    rhs_norm = float(xp.sqrt((rhs * rhs).sum()))
+    rz = dot(residual, z)
+    rhs_norm = dot(rhs, rhs) ** 0.5
     for _ in range(max_iter):
-        if rz <= 0 or float(xp.sqrt((residual * residual).sum())) <= rtol * max(rhs_norm, 1e-300):
+        if rz <= 0 or dot(residual, residual) ** 0.5 <= rtol * max(rhs_norm, 1e-300):
             break
         Ad = operator(direction)
-        curvature = float((direction * Ad).sum())
+        curvature = dot(direction, Ad)
         if curvature <= 0:
             break
-        alpha = float((residual * direction).sum()) / curvature  # exact minimiser along the direction
+        alpha = dot(residual, direction) / curvature  # exact minimiser along the direction
         X += alpha * direction
         residual -= alpha * Ad
         z = precondition(residual)
-        rz_new = float((residual * z).sum())
+        rz_new = dot(residual, z)
         direction = z + (rz_new / rz) * direction
         rz = rz_new
     f.S[...] = X
@@ -634,6 +638,39 @@ def run_adam(
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
+def check_options(
+    W: np.ndarray,
+    gram: np.ndarray,
+    proxy: str,
+    init: str | None,
+    block_size: int,
+    sweeps: int | None,
+    tol: float,
+    schedule: str,
+) -> tuple[str, int]:
+    """The reference's checks of :func:`factorize`'s input, with its messages (ValueError); returns the init
+    baseline and the sweep budget with the defaults filled in."""
+    d_out, d_in = W.shape
+    check_shapes(d_out, d_in, block_size)
+    if gram.shape != (d_in, d_in):
+        raise ValueError(f"Gram matrix shape {gram.shape} does not match the layer's {d_in} inputs")
+    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(gram))):
+        raise ValueError("the layer or its Gram matrix holds NaN or infinite values")
+    if proxy not in DEFAULT_INIT:
+        raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(DEFAULT_INIT)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    init = init or DEFAULT_INIT[proxy]
+    if init not in BASELINES:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
+    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
+    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 0:
+        raise ValueError(f"sweeps must be a whole number >= 0, got {sweeps!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < np.inf:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return init, sweeps
+
+
 def factorize(
     W: np.ndarray,
     gram: np.ndarray,
@@ -661,19 +698,14 @@ def factorize(
     takes the count of an enclosing ``limit_threads`` block, or else :func:`backends.threads.default_threads`.
     """
     W = np.asarray(W, dtype=np.float64)
+    gram = np.asarray(gram, dtype=np.float64)
     d_out, d_in = W.shape
-    check_shapes(d_out, d_in, block_size)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    init = init or DEFAULT_INIT[proxy]
-    if init not in BASELINES:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
-    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
+    init, sweeps = check_options(W, gram, proxy, init, block_size, sweeps, tol, schedule)
     xp = make_namespace(library, device, dtype)  # imports the library before the thread limits are set
     with limit_threads(threads), xp.scope():
         t0 = time.perf_counter()
         W_x = xp.asarray(W)
-        gram_x = xp.asarray(np.asarray(gram, dtype=np.float64))
+        gram_x = xp.asarray(gram)
         problem = make_problem(W_x, gram_x, proxy, damping)
         S0, M0 = run_baseline(init, W_x, gram_x)
         del gram_x

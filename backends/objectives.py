@@ -99,7 +99,7 @@ class Problem:
     def loss(self, W_hat_T: Array) -> float:
         """The proxy loss of an approximation given in the optimised space."""
         E = self.target - W_hat_T
-        return float((self.times_H(E) * E).sum())
+        return float(self.times_H(E).reshape(-1) @ E.reshape(-1))
 
     def to_layer(self, W_hat_T: Array) -> Array:
         """Map an approximation in the optimised space back to the layer's scale."""

@@ -319,6 +319,15 @@ def test_every_backend_keeps_the_reference_signature():
         get_factorize("numpy", "cpu")(W, H, schedule="sgd")
     with pytest.raises(ValueError, match="dtype"):
         get_factorize("numpy", "cpu")(W, H, block_size=8, dtype="float16")
+    with pytest.raises(ValueError, match="unknown proxy"):
+        get_factorize("numpy", "cpu")(W, H, block_size=8, proxy="l1")
+    with pytest.raises(ValueError, match="Gram matrix shape"):
+        get_factorize("numpy", "cpu")(W, H[:-4, :-4], block_size=8)
+    with pytest.raises(ValueError, match="NaN"):
+        get_factorize("numpy", "cpu")(np.where(W > 2, np.nan, W), H, block_size=8)
+    for budget in ({"sweeps": -1}, {"sweeps": 1.5}, {"tol": -0.1}, {"tol": float("inf")}):
+        with pytest.raises(ValueError, match="sweeps|tol"):
+            get_factorize("numpy", "cpu")(W, H, block_size=8, **budget)
 
 
 def test_reference_backend_is_the_reference():
