@@ -45,6 +45,7 @@ DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
 DEMO_CALIB = DATA_DIR / "minilm_calib.npy"
 DEMO_HELDOUT = DATA_DIR / "minilm_heldout.npy"
 DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
+BACKEND_HELP = "numpy: the fast path on the CPU; torch: cpu or cuda; cupy: cuda; reference: the plain reference (slow)."
 
 
 class ArmorGroup(click.Group):
@@ -293,7 +294,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSON report [default: next to the output, .report.json].",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True, help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N for GPU backends.")
 def factorize(
     weights: Path,
@@ -628,7 +629,7 @@ def reconstruct(file: Path, output: Path | None) -> None:
 )
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True, help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True)
 def demo(
     patterns: tuple[str, ...],
