@@ -15,9 +15,11 @@ What differs, for speed and memory only:
 * the b×b and 2×2 pseudo-inverses are taken in float64 whatever the working dtype;
 * a diagonal ``H`` is a vector; ``B H Bᵀ`` is formed from the blocks;
 * the discrete step visits one position ``(p, g)`` of all row blocks at once with plain slices
-  (:func:`walk_column_block`), keeping ``L = Aᵀ G Bᵀ`` current on the column block instead of ``G``, with the
-  small products written elementwise; a support's cost is read from a per-group table ``Z = P Q P − 2P``
-  (``P = Q_ss⁺``): ``φ(u_s) = ℓ_sᵀ Z ℓ_s / ‖a‖²`` is the reference's ``φ(u_s)``, exactly, for any pseudo-inverse;
+  (:func:`walk_column_block`), keeping ``L = Aᵀ G Bᵀ`` current on the column block instead of ``G``, and the
+  groups' supports as ids (0–5) rather than 4-bit masks; the 6 supports' costs and optimal values come from one
+  small product with a per-group table (:class:`GroupTables` ``T``), built from ``P_s = Q_ss⁺`` and
+  ``Z_s = P_s Q_ss P_s − 2 P_s``: ``φ(u_s) = ℓ_sᵀ Z_s ℓ_s / ‖a‖²`` is the reference's ``φ(u_s)``, exactly, for any
+  pseudo-inverse;
 * ``G = (T − Ŵ) H`` is kept current lazily (:func:`g_columns`): a column block reads its columns of ``G`` as
   ``G₀[:, k] + ΔE[:, :k] H[:k, k]`` from the change ``ΔE`` of the blocks before it, instead of a rank-b update of
   the whole matrix per column block (B-step and discrete step);
