@@ -278,6 +278,7 @@ class GroupTables:
 
     Built in float64, kept in the working dtype."""
 
+    supports: SupportTables  # the support lookup tables, on the same device
     Q: Array
     T: Array
     z: Array
@@ -285,11 +286,12 @@ class GroupTables:
     BHBt: Array
 
     def select(self, ks: slice) -> GroupTables:
-        return GroupTables(self.Q[ks], self.T[ks], self.z[ks], self.BH[ks], self.BHBt[ks])
+        return GroupTables(self.supports, self.Q[ks], self.T[ks], self.z[ks], self.BH[ks], self.BHBt[ks])
 
 
-def group_tables(xp: Namespace, supports: SupportTables, B_ks: Array, H_kk: Array) -> GroupTables:
+def group_tables(xp: Namespace, B_ks: Array, H_kk: Array) -> GroupTables:
     """Build :class:`GroupTables` from ``B_k`` (nk, b, b) and ``H_kk`` (nk, b, b)."""
+    supports = support_tables(xp)
     nk, b, _ = B_ks.shape
     nb = b // GROUP
     BH = B_ks @ H_kk
@@ -304,7 +306,7 @@ def group_tables(xp: Namespace, supports: SupportTables, B_ks: Array, H_kk: Arra
     T[..., :6, :16] = (Et @ Z @ E).reshape(nk, nb, 6, 16)
     T[..., 6:, 16:] = (Et @ P @ E).reshape(nk, nb, 24, 4)
     z = xp.stack([Z[..., 0, 0], Z[..., 0, 1] + Z[..., 1, 0], Z[..., 1, 1]], axis=-2)
-    return GroupTables(Q, xp.astype(T, Q.dtype), xp.astype(z, Q.dtype), BH, BHBt)
+    return GroupTables(supports, Q, xp.astype(T, Q.dtype), xp.astype(z, Q.dtype), BH, BHBt)
 
 
 def current_supports(supports: SupportTables, M: Array) -> Array:
@@ -343,14 +345,11 @@ def choose_supports(
     return u_new, xp.where(accept, chosen, current), accept & switch
 
 
-def improvable_groups(
-    f: Factors, L: Array, sid: Array, tables: GroupTables, supports: SupportTables, tie: float, a_norm2: Array
-) -> Array:
+def improvable_groups(f: Factors, L: Array, tables: GroupTables, tie: float, a_norm2: Array) -> Array:
     """Which groups could strictly lower the loss by changing support, each judged alone at the current point
-    (exact for a single-group change), from ``L = Aᵀ G Bᵀ`` (d_out, d_in) and the support ids ``sid`` (R, b, K, b/4):
-    :func:`decide` on every group at once, the costs written elementwise,
-    ``ℓ_sᵀ Z_s ℓ_s = z₀₀ ℓ₀² + (z₀₁ + z₁₀) ℓ₀ℓ₁ + z₁₁ ℓ₁²``. Returns bool (R, b, K, b/4): row block, row in block,
-    column block, group in block."""
+    (exact for a single-group change), from ``L = Aᵀ G Bᵀ`` (d_out, d_in): :func:`decide` on every group at once,
+    the costs written elementwise, ``ℓ_sᵀ Z_s ℓ_s = z₀₀ ℓ₀² + (z₀₁ + z₁₀) ℓ₀ℓ₁ + z₁₁ ℓ₁²``. Returns bool
+    (R, b, K, b/4): row block, row in block, column block, group in block."""
     xp = f.xp
     R, b, _ = f.A.shape
     K = f.B.shape[0]
@@ -360,10 +359,11 @@ def improvable_groups(
     a2 = a_norm2[:, :, None, None]  # ‖A_r[:, i]‖², (R, b, 1, 1)
     ell = first + a2[..., None] * (tables.Q * s[..., None, :]).sum(-1)
     cost_now = -(s * (ell + first)).sum(-1)  # φ(s) = ‖a‖² sᵀQs − 2 sᵀℓ
-    ell_s = ell[..., supports.flat].reshape(*shape[:-1], 6, 2)
+    ell_s = ell[..., tables.supports.flat].reshape(*shape[:-1], 6, 2)
     l0, l1 = ell_s[..., 0], ell_s[..., 1]
     z = tables.z
     quad = z[..., 0, :] * l0 * l0 + z[..., 1, :] * l0 * l1 + z[..., 2, :] * l1 * l1  # ‖a‖² · cost, (..., 6)
+    sid = current_supports(tables.supports, f.M.reshape(shape))
     _, switch, accept = decide(xp, tie, quad / xp.where(a2 > 0, a2, 1.0)[..., None], cost_now, a2, sid)
     return switch & accept
 
@@ -371,7 +371,7 @@ def improvable_groups(
 def walk_column_block(
     xp: Namespace,
     S_k: Array,
-    sid_k: Array,
+    M_k: Array,
     L_k: Array,
     AtA: Array,
     a_norm2: Array,
@@ -383,20 +383,22 @@ def walk_column_block(
     block; nowag: all of them), re-choosing at each position ``(p, g) = divmod(flat, b/4)`` the group of every tile
     ``(r, k)``: row ``p`` of row block ``r``, columns ``4g … 4g+3`` of column block ``k``.
 
-    Updated in place: ``S_k`` (R, b, nk, b/4, 4), a view of the core on the batch; ``sid_k`` (R, b, nk, b/4), the
-    support id of each group (:func:`current_supports`; the caller writes the mask from it); ``L_k`` (R, b, nk·b),
-    ``L = Aᵀ G Bᵀ`` on the batch, kept current. Fixed during the walk: ``AtA`` (R, b, b) = ``A_rᵀ A_r`` (column ``p``
-    is ``A_rᵀ a`` for ``a = A_r[:, p]``), ``a_norm2`` (R, b) its diagonal ``‖a‖²``, and the batch's ``tables``. At a
-    group: ``ℓ = L[r, p, k, g] + ‖a‖² Q s`` (the residual with the group's own contribution added back, seen
-    through ``a`` and ``B_g``), the decision is :func:`choose_supports`, and a change ``δ`` of the values moves
-    ``Ŵ_T`` by ``a ⊗ (δᵀ B_g)``, so ``L_rk −= (A_rᵀ a) ⊗ (δᵀ B_g H_kk B_kᵀ)``. Returns the number of support changes
-    (a 0-d array).
+    Updated in place: ``S_k``, ``M_k`` (R, b, nk, b/4, 4), views of the core and the mask on the batch; ``L_k``
+    (R, b, nk·b), ``L = Aᵀ G Bᵀ`` on the batch, kept current. Fixed during the walk: ``AtA`` (R, b, b) = ``A_rᵀ A_r``
+    (column ``p`` is ``A_rᵀ a`` for ``a = A_r[:, p]``), ``a_norm2`` (R, b) its diagonal ``‖a‖²``, and the batch's
+    ``tables``. At a group: ``ℓ = L[r, p, k, g] + ‖a‖² Q s`` (the residual with the group's own contribution added
+    back, seen through ``a`` and ``B_g``), the decision is :func:`choose_supports`, and a change ``δ`` of the values
+    moves ``Ŵ_T`` by ``a ⊗ (δᵀ B_g)``, so ``L_rk −= (A_rᵀ a) ⊗ (δᵀ B_g H_kk B_kᵀ)``. The walk keeps the groups'
+    supports as ids (:func:`current_supports`) and writes the mask from them at the end. Returns the number of
+    support changes (a 0-d array).
 
     This loop is the hot spot of a hessian sweep ((d_in/b) · b²/4 positions, each a few dozen small operations);
     a fused kernel that walks a whole column block in one launch replaces it with this signature.
     """
     R, b, nk, nb, _ = S_k.shape
     L5 = L_k.reshape(R, b, nk, nb, GROUP)
+    supports = tables.supports
+    sid_k = current_supports(supports, M_k)  # (R, b, nk, b/4)
     switched = []
     for flat in positions:
         p, g = divmod(flat, nb)
@@ -412,6 +414,7 @@ def walk_column_block(
         switched.append(changed)
         v = delta[..., None, :] @ tables.BHBt[:, 4 * g : 4 * g + 4]  # δᵀ B_g H_kk B_kᵀ, (R, nk, 1, b)
         L_k -= AtA[:, :, p, None] * v.reshape(R, 1, nk * b)
+    M_k[...] = supports.masks[sid_k]
     return xp.stack(switched).sum() if switched else xp.zeros((), dtype=xp.int64)
 
 
@@ -426,18 +429,16 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
     R, b, _ = f.A.shape
     K = f.B.shape[0]
     nb = b // GROUP
-    supports = support_tables(xp)
     tie = TIE_TOLERANCE[dtype_name(f.S.dtype)]
     G0 = problem.times_H(problem.target - f.W_hat())
     At, Bt = transpose_blocks(xp, f.A), transpose_blocks(xp, f.B)
     L = blockdiag_right(xp, blockdiag_left(At, G0), Bt)  # Aᵀ G Bᵀ (d_out, d_in), its entries are ℓ's first term
-    tables = group_tables(xp, supports, f.B, diagonal_blocks(problem, b))
+    tables = group_tables(xp, f.B, diagonal_blocks(problem, b))
     AtA = At @ f.A  # (R, b, b)
     a_norm2 = (f.A * f.A).sum(1)  # (R, b)
     S5 = f.S.reshape(R, b, K, nb, GROUP)  # views
     M5 = f.M.reshape(R, b, K, nb, GROUP)
-    sid = current_supports(supports, M5)  # (R, b, K, b/4)
-    candidates = improvable_groups(f, L, sid, tables, supports, tie, a_norm2)
+    candidates = improvable_groups(f, L, tables, tie, a_norm2)  # (R, b, K, b/4)
     batches = [slice(0, K)] if problem.diagonal else [slice(k, k + 1) for k in range(K)]
     per_k = xp.swapaxes(candidates.any(0), 0, 1).reshape(K, b * nb)  # positions worth visiting, per column block
     worth = xp.to_numpy(xp.stack([per_k[ks].any(0) for ks in batches]))  # one transfer to the host
@@ -455,11 +456,10 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
         else:  # Ŵ has changed on earlier column blocks: this block's columns of G, then of Aᵀ G Bᵀ
             L_k = blockdiag_right(xp, blockdiag_left(At, g_columns(G0, dE, problem.H, cols)), Bt[ks])
         S_before = None if problem.diagonal else xp.copy(f.S[:, cols])
-        sid_k = sid[:, :, ks]
         changed += walk_column_block(
             xp,
             S5[:, :, ks],
-            sid_k,
+            M5[:, :, ks],
             L_k.reshape(R, b, nk * b),
             AtA,
             a_norm2,
@@ -467,16 +467,13 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
             tie,
             order[worth_visiting[order]].tolist(),
         )
-        M5[:, :, ks] = supports.masks[sid_k]
         moved = True
         if not problem.diagonal:
             dE[:, cols] = -blockdiag_left(f.A, (f.S[:, cols] - S_before) @ f.B[ks.start])
     return int(changed)
 
 
-def update_groups(
-    f: Factors, G_tiles: Array, tables: GroupTables, supports: SupportTables, ks: slice, p: Array, g: Array
-) -> Array:
+def update_groups(f: Factors, G_tiles: Array, tables: GroupTables, ks: slice, p: Array, g: Array) -> Array:
     """Re-choose one group in each tile of row blocks ``0..R−1`` × column blocks ``ks``: row ``p[r, k]`` of the row
     block, columns ``4·g[r, k] … +3`` of the column block (the Adam schedule's per-tile draws; the reference's
     ``update_groups``). ``G_tiles`` (R, nk, b, b) = ``(T − Ŵ) H`` on those tiles, kept current:
@@ -501,10 +498,10 @@ def update_groups(
     ell = first + a_norm2[..., None] * (tables.Q[kg] @ s[..., None])[..., 0]
     cost_now = -(s * (ell + first)).sum(-1)  # φ(s) = ‖a‖² sᵀQs − 2 sᵀℓ
     tie = TIE_TOLERANCE[dtype_name(f.S.dtype)]
-    current = current_supports(supports, M4[rr, p[..., None], kk, cols])
+    current = current_supports(tables.supports, M4[rr, p[..., None], kk, cols])
     u_new, sid_new, switched = choose_supports(xp, tie, tables.T[kg], ell, cost_now, a_norm2, s, current)
     S4[rr, p[..., None], kk, cols] = u_new
-    M4[rr, p[..., None], kk, cols] = supports.masks[sid_new]
+    M4[rr, p[..., None], kk, cols] = tables.supports.masks[sid_new]
     delta = u_new - s
     G_tiles -= a[..., :, None] * (delta[..., None, :] @ BgH)  # G_rk −= a ⊗ (δᵀ B_g H_kk)
     return switched.sum()
@@ -583,7 +580,6 @@ def run_adam(
     R, b, _ = f.A.shape
     K = f.B.shape[0]
     nb = b // GROUP
-    supports = support_tables(xp)
     params = [f.A, f.B, f.S]
     moments = [(xp.zeros_like(x), xp.zeros_like(x)) for x in params]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -620,8 +616,8 @@ def run_adam(
         flat = (cdf < draws).sum(-1)
         flat = xp.where(flat < weights.shape[-1] - 1, flat, weights.shape[-1] - 1)
         G_tiles = xp.copy(xp.permute(G[:, cols].reshape(R, b, nk, b), (0, 2, 1, 3)))
-        tables = group_tables(xp, supports, f.B[ks], Hkk[ks])
-        update_groups(f, G_tiles, tables, supports, ks, flat // nb, flat % nb)
+        tables = group_tables(xp, f.B[ks], Hkk[ks])
+        update_groups(f, G_tiles, tables, ks, flat // nb, flat % nb)
 
         loss = problem.loss(f.W_hat())
         trace.append({"sweep": it, "step": "adam", "loss": loss})

@@ -5,6 +5,7 @@ the host, once per file.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -48,8 +49,9 @@ class SupportTables:
     pattern_bits: Array  # (4,) int64: 1, 2, 4, 8
 
 
+@cache
 def support_tables(xp: Namespace) -> SupportTables:
-    """:class:`SupportTables` in namespace ``xp``."""
+    """:class:`SupportTables` in namespace ``xp`` (made once per namespace)."""
     n = len(SUPPORTS)
     of_pattern = np.full(16, -1, dtype=np.int64)
     masks = np.zeros((n, GROUP), dtype=bool)

@@ -268,8 +268,8 @@ def test_objectives_match_the_reference(xp):
 @pytest.mark.parametrize("proxy", ["nowag", "hessian"])
 def test_the_walk_keeps_its_state_consistent(xp, proxy):
     """After :func:`walk_column_block` on a column block, ``L`` is ``Aᵀ G Bᵀ`` of the new core (recomputed from
-    scratch), the support ids describe where the core is non-zero, and some supports did change: the invariants a
-    fused kernel that replaces the walk must keep."""
+    scratch), the mask keeps 2 of every 4 and the core is zero outside it, and some supports did change: the
+    invariants a fused kernel that replaces the walk must keep."""
     W, H = make_layer(32, 64, 9, ())
     with xp.scope():
         problem = fast_objectives.make_problem(xp.asarray(W), xp.asarray(H), proxy)
@@ -278,7 +278,6 @@ def test_the_walk_keeps_its_state_consistent(xp, proxy):
         for step in (fast.a_step, fast.b_step, fast.core_values_step):
             step(problem, f)
         R, b, K, nb = 4, 8, 8, 2
-        supports = fast_masks.support_tables(xp)
         At, Bt = fast.transpose_blocks(xp, f.A), fast.transpose_blocks(xp, f.B)
 
         def ell_first() -> object:  # Aᵀ G Bᵀ of the current factors
@@ -287,17 +286,17 @@ def test_the_walk_keeps_its_state_consistent(xp, proxy):
 
         k = 2
         ks, cols = slice(k, k + 1), slice(k * b, (k + 1) * b)
-        tables = fast.group_tables(xp, supports, f.B, fast.diagonal_blocks(problem, b)).select(ks)
-        sid = fast.current_supports(supports, f.M.reshape(R, b, K, nb, 4))
+        tables = fast.group_tables(xp, f.B, fast.diagonal_blocks(problem, b)).select(ks)
         L_k = xp.copy(ell_first()[:, cols]).reshape(R, b, b)
+        S5, M5 = f.S.reshape(R, b, K, nb, 4), f.M.reshape(R, b, K, nb, 4)
         changed = fast.walk_column_block(
-            xp, f.S.reshape(R, b, K, nb, 4)[:, :, ks], sid[:, :, ks], L_k, At @ f.A, (f.A * f.A).sum(1), tables,
+            xp, S5[:, :, ks], M5[:, :, ks], L_k, At @ f.A, (f.A * f.A).sum(1), tables,
             fast.TIE_TOLERANCE["float64"], list(range(b * nb)),
         )  # fmt: skip
         assert int(changed) > 0
         np.testing.assert_allclose(xp.to_numpy(L_k.reshape(-1, b)), xp.to_numpy(ell_first()[:, cols]), atol=1e-9)
-        kept = xp.to_numpy(supports.masks[sid]).reshape(f.S.shape)
-        assert np.all(xp.to_numpy(f.S)[~kept] == 0)
+        assert fast_masks.has_two_per_group(f.M)
+        assert np.all(xp.to_numpy(f.S)[~xp.to_numpy(f.M)] == 0)
 
 
 # ------------------------------------------------------------------------------------------------------------
