@@ -4,21 +4,23 @@ The fast implementation (``objectives``, ``masks``, ``baselines``, ``factorizati
 against a :class:`Namespace` ``xp``. Most of what it does is spelled the same in all three libraries and needs no
 shim at all: operators (``@``, ``*``, ``-=``, comparisons), basic and advanced indexing, the methods ``reshape``,
 ``sum(axis)``, ``any(axis)``, ``argmin(axis)``, ``cumsum(axis)``, ``mean()``, and the module functions bound here
-as they are (``einsum``, ``where``, ``abs``, ``amax``, ``amin``, ``sqrt``, ``stack``, ``swapaxes``, ``tile``, ``outer``,
+as they are (``einsum``, ``where``, ``abs``, ``amax``, ``sqrt``, ``stack``, ``swapaxes``, ``tile``, ``outer``,
 ``diagonal``, ``zeros_like``, ``linalg``). Only what really differs is written here, once per library, with the reason:
 
 * creation (``asarray``, ``zeros``, ``ones``, ``eye``, ``arange``, ``full``): torch takes ``device=``, CuPy picks the
   current device, NumPy has none;
 * ``copy`` (torch: ``clone``), ``astype`` (torch: ``to``), ``permute`` (NumPy/CuPy ``transpose(axes)``; torch's
-  ``transpose`` swaps two axes only), ``take_along_axis`` (torch: ``take_along_dim``), ``argsort_stable`` (the
-  keyword that makes the sort stable differs; CuPy's sort is always stable), ``to_numpy``.
+  ``transpose`` swaps two axes only), ``pick`` (one entry per batch element: torch gathers, NumPy/CuPy index the
+  flattened array), ``argsort_stable`` (the keyword that makes the sort stable differs; CuPy's sort is always
+  stable), ``to_numpy``.
 
 Why not ``array-api-compat`` (installed): its namespaces wrap many functions in Python, which costs per call what
-the discrete step cannot afford (it is thousands of small operations per sweep). Measured here on arrays of the
-discrete step's size, one thread, µs per call, raw library / array-api-compat: torch ``take_along_dim`` 3.1 /
-7.4, NumPy ``argmin`` 0.19 / 0.88, ``matrix_transpose`` 0.36 / 0.78 (NumPy) and 0.91 / 1.18 (torch); and the
-standard it implements has no ``einsum`` and only a subset of the indexing used here. A shim that binds the
-libraries' own functions adds nothing per call.
+the discrete step cannot afford (thousands of positions per sweep, a few dozen small operations each), and the
+standard it implements has no ``einsum`` and only a subset of the indexing used here. Measured on arrays of the
+discrete step's size (12×6), one thread, µs per call, this shim / array-api-compat: one entry per row
+(``pick`` / ``take_along_axis``) 1.15 / 3.63 (NumPy), 5.9 / 11.9 (torch); ``argmin`` 0.18 / 0.88 (NumPy),
+1.40 / 2.76 (torch); ``where`` 1.39 / 1.62 (NumPy), 4.2 / 5.1 (torch); ``copy`` 0.18 / 0.62 (NumPy). A function
+bound here is the library's own: it adds nothing per call.
 
 Precision: ``Namespace.dtype`` is the working float dtype (float64 by default on the CPU, float32 on CUDA); the small
 pseudo-inverses are always taken in float64 (``Namespace.float64``).
@@ -41,8 +43,8 @@ class Namespace:
     """The array functions of one library on one device, with the working float dtype ``dtype``.
 
     Attributes bound directly to the library (same name and signature in NumPy, torch and CuPy): ``einsum``,
-    ``where``, ``abs``, ``amax``, ``amin``, ``sqrt``, ``stack``, ``concatenate``, ``swapaxes``, ``tile``, ``outer``,
-    ``diagonal``, ``zeros_like``, ``isfinite``, ``linalg``; dtypes ``float64``, ``float32``, ``int64``, ``bool``.
+    ``where``, ``abs``, ``amax``, ``sqrt``, ``stack``, ``concatenate``, ``swapaxes``, ``tile``, ``outer``,
+    ``diagonal``, ``zeros_like``, ``linalg``; dtypes ``float64``, ``int64``, ``bool``.
     """
 
     def __init__(self, name: str, lib: ModuleType, device: Any, dtype: Any) -> None:
@@ -51,14 +53,13 @@ class Namespace:
         self.device = device  # None for NumPy; a torch.device; a CuPy device id
         self.dtype = dtype  # the working float dtype
         self._starts: dict[tuple[int, int], Array] = {}  # cached index offsets of pick()
-        self.float64, self.float32, self.int64 = lib.float64, lib.float32, lib.int64
+        self.float64, self.int64 = lib.float64, lib.int64
         self.bool = lib.bool if name == "torch" else np.bool_
         for fn in (
             "einsum",
             "where",
             "abs",
             "amax",
-            "amin",
             "sqrt",
             "stack",
             "concatenate",
@@ -67,7 +68,6 @@ class Namespace:
             "outer",
             "diagonal",
             "zeros_like",
-            "isfinite",
             "linalg",
         ):
             setattr(self, fn, getattr(lib, fn))
@@ -102,12 +102,6 @@ class Namespace:
     def ones(self, shape: Sequence[int] | int, dtype: Any = None) -> Array:
         return self._create(self.lib.ones, shape, dtype)
 
-    def full(self, shape: Sequence[int] | int, value: Any, dtype: Any = None) -> Array:
-        dtype = self.dtype if dtype is None else dtype
-        if self.name == "torch":
-            return self.lib.full(shape, value, dtype=dtype, device=self.device)
-        return self.lib.full(shape, value, dtype=dtype)
-
     def eye(self, n: int, dtype: Any = None) -> Array:
         return self._create(self.lib.eye, n, dtype)
 
@@ -132,11 +126,6 @@ class Namespace:
     def permute(self, x: Array, axes: Sequence[int]) -> Array:
         """The axes of ``x`` reordered (NumPy's ``transpose(axes)``)."""
         return x.permute(*axes) if self.name == "torch" else x.transpose(*axes)
-
-    def take_along_axis(self, x: Array, indices: Array, axis: int) -> Array:
-        if self.name == "torch":
-            return self.lib.take_along_dim(x, indices, axis)
-        return self.lib.take_along_axis(x, indices, axis=axis)
 
     def pick(self, x: Array, index: Array, axis: int = -1) -> Array:
         """One entry per batch element: along ``axis=-1``, x (..., n) → (...); along ``axis=-2``, x (..., n, d) →
