@@ -21,7 +21,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from armor_ref.baselines import BASELINES, run_baseline
 from armor_ref.factorization import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_INIT,
@@ -31,12 +30,14 @@ from armor_ref.factorization import (
     check_shapes,
 )
 from armor_ref.masks import GROUP, has_two_per_group, is_2of4
-from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss
+from armor_ref.objectives import DEFAULT_DAMPING, PROXIES
 from backends import BACKENDS, BackendUnavailable, get_factorize
+from backends.baselines import BASELINES, run_baseline
+from backends.objectives import nowag_loss
 
 from .armor_format import ARMOR_FORMAT, ArmorFile, load_armor, save_armor
 from .calibration import load_calibration
-from .cli_model import register_model_commands
+from .cli_model import register_model_commands, threads_option
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
 from .files import read_safetensors, write_json, write_safetensors
 from .manifest import verify_file, verify_run
@@ -47,6 +48,7 @@ DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
 DEMO_CALIB = DATA_DIR / "minilm_calib.npy"
 DEMO_HELDOUT = DATA_DIR / "minilm_heldout.npy"
 DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
+BACKEND_HELP = "numpy: the fast path on the CPU; torch: cpu or cuda; cupy: cuda; reference: the plain reference (slow)."
 
 
 class ArmorGroup(click.Group):
@@ -237,6 +239,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
 # factorize
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.argument("weights", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -322,7 +325,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSON report [default: next to the output, .report.json].",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True, help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N for GPU backends.")
 def factorize(
     weights: Path,
@@ -487,6 +490,7 @@ def factorize_table(name: str, entry: dict) -> str:
 # prune
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.argument("weights", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -676,6 +680,7 @@ def reconstruct(file: Path, output: Path | None) -> None:
 # demo
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.option(
     "--tensors",
     "patterns",
@@ -700,7 +705,7 @@ def reconstruct(file: Path, output: Path | None) -> None:
 )
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True, help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True)
 def demo(
     patterns: tuple[str, ...],
@@ -718,8 +723,8 @@ def demo(
     held-out tokens from standard-library docstrings. For each weight it prints the nowag loss and the
     relative output error on calibration and held-out tokens of magnitude, Wanda, NoWag-P, SparseGPT,
     ARMOR (nowag proxy, from NoWag-P) and ARMOR (hessian objective, from SparseGPT). The sweep budgets are
-    kept small (about 18 s of single-core CPU time) so that it runs well within a minute on 2 CPU cores; on a
-    busy machine, OPENBLAS_NUM_THREADS=1 avoids BLAS threads competing for the cores.
+    kept small so that it runs well within a minute on 2 CPU cores; --threads sets the CPU threads (by default
+    the cores the load average does not show busy).
 
     \b
     Examples:
