@@ -344,18 +344,24 @@ def support_costs(
     scale = a_norm2 if a_norm2 > 0 else 1.0
     u = np.zeros((len(SUPPORTS), GROUP))
     cost = np.empty(len(SUPPORTS))
-    for sid, s in enumerate(SUPPORTS):
-        u_s = np.einsum("ij,j->i", Q_ss_pinv[sid], ell[s]) / scale  # Q_ss⁺ ℓ_s / ‖a‖²  (2,)
-        quadratic = sum(u_s[i] * Q_ss[sid][i, j] * u_s[j] for i in range(KEEP) for j in range(KEEP))  # u_sᵀ Q_ss u_s
-        cost[sid] = scale * quadratic - 2 * np.sum(u_s * ell[s])
-        u[sid, s] = u_s
+    for sid, (p0, p1) in enumerate(SUPPORTS.tolist()):  # the 2×2 algebra written out, in plain floats
+        (P00, P01), (P10, P11) = Q_ss_pinv[sid].tolist()  # Q_ss⁺
+        (q00, q01), (q10, q11) = Q_ss[sid].tolist()
+        l0, l1 = float(ell[p0]), float(ell[p1])  # ℓ_s
+        u0, u1 = (P00 * l0 + P01 * l1) / scale, (P10 * l0 + P11 * l1) / scale  # u_s = Q_ss⁺ ℓ_s / ‖a‖²
+        quadratic = u0 * q00 * u0 + u0 * q01 * u1 + u1 * q10 * u0 + u1 * q11 * u1  # u_sᵀ Q_ss u_s
+        cost[sid] = scale * quadratic - 2 * (u0 * l0 + u1 * l1)  # φ(u_s)
+        u[sid, p0], u[sid, p1] = u0, u1
     return u, cost
+
+
+#: the index in ``SUPPORTS`` of each 4-position mask that keeps exactly 2 positions, keyed by the mask as a tuple
+SUPPORT_OF_MASK = {tuple(p in s for p in range(GROUP)): sid for sid, s in enumerate(SUPPORTS.tolist())}
 
 
 def support_index(m: np.ndarray) -> int:
     """The index in ``SUPPORTS`` of a group's boolean mask ``m`` (4,) keeping exactly 2 positions."""
-    kept = tuple(np.flatnonzero(m))
-    return next(sid for sid, s in enumerate(SUPPORTS) if tuple(s) == kept)
+    return SUPPORT_OF_MASK[tuple(bool(x) for x in m)]
 
 
 def choose_support(
