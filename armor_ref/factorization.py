@@ -648,6 +648,37 @@ def check_shapes(d_out: int, d_in: int, block_size: int) -> None:
             )
 
 
+def check_options(
+    W: np.ndarray,
+    gram: np.ndarray,
+    proxy: str,
+    init: str | None,
+    block_size: int,
+    sweeps: int | None,
+    tol: float,
+    schedule: str,
+) -> tuple[str, int]:
+    """Every check of :func:`factorize`'s input (spec §4.2), as ValueErrors naming the problem: shapes
+    (:func:`check_shapes`), a (d_in, d_in) Gram matrix, finite inputs, a known proxy, schedule and baseline, a valid
+    budget (:func:`check_budget`). Returns the starting baseline and the sweep budget with the defaults filled in."""
+    d_out, d_in = W.shape
+    check_shapes(d_out, d_in, block_size)
+    if gram.shape != (d_in, d_in):
+        raise ValueError(f"Gram matrix shape {gram.shape} does not match the layer's {d_in} inputs")
+    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(gram))):
+        raise ValueError("the layer or its Gram matrix holds NaN or infinite values")
+    if proxy not in DEFAULT_INIT:
+        raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(DEFAULT_INIT)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    init = init or DEFAULT_INIT[proxy]
+    if init not in BASELINES:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
+    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
+    check_budget(sweeps, tol)
+    return init, sweeps
+
+
 def factorize(
     W: np.ndarray,
     gram: np.ndarray,
@@ -673,20 +704,7 @@ def factorize(
     W = np.asarray(W, dtype=np.float64)
     gram = np.asarray(gram, dtype=np.float64)
     d_out, d_in = W.shape
-    check_shapes(d_out, d_in, block_size)
-    if gram.shape != (d_in, d_in):
-        raise ValueError(f"Gram matrix shape {gram.shape} does not match the layer's {d_in} inputs")
-    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(gram))):
-        raise ValueError("the layer or its Gram matrix holds NaN or infinite values")
-    if proxy not in DEFAULT_INIT:
-        raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(DEFAULT_INIT)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    init = init or DEFAULT_INIT[proxy]
-    if init not in BASELINES:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
-    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
-    check_budget(sweeps, tol)
+    init, sweeps = check_options(W, gram, proxy, init, block_size, sweeps, tol, schedule)
 
     t0 = time.perf_counter()
     problem = make_problem(W, gram, proxy, damping)
