@@ -107,11 +107,13 @@ def reconstruct(A: np.ndarray, S: np.ndarray, B: np.ndarray) -> np.ndarray:
     return blockdiag_left(A, blockdiag_right(S, B))
 
 
-def psd_pinv(M: np.ndarray) -> np.ndarray:
+def psd_pinv(M: np.ndarray, scale: np.ndarray | float = 0.0) -> np.ndarray:
     """Pseudo-inverse ``V Λ⁺ Vᵀ`` of a symmetric PSD matrix (or a stack of them, ``(..., n, n)``) from its
-    eigendecomposition ``M = V Λ Vᵀ``; eigenvalues ``≤ PSD_PINV_CUTOFF · λ_max`` count as zero (spec §5.1.1)."""
+    eigendecomposition ``M = V Λ Vᵀ``; eigenvalues ``≤ PSD_PINV_CUTOFF · max(λ_max, scale)`` count as zero (spec
+    §5.1.1). ``scale`` (broadcast over the stack) is the size ``M`` would have if nothing in it were dead, so that
+    rounding residue in an all-dead block is not inverted."""
     w, V = np.linalg.eigh(M)
-    cutoff = PSD_PINV_CUTOFF * np.max(np.abs(w), axis=-1, keepdims=True)
+    cutoff = PSD_PINV_CUTOFF * np.maximum(np.max(np.abs(w), axis=-1), scale)[..., None]
     inv_w = np.where(w > cutoff, 1.0 / np.where(w > cutoff, w, 1.0), 0.0)
     return (V * inv_w[..., None, :]) @ np.swapaxes(V, -1, -2)
 
@@ -320,7 +322,10 @@ def group_tables(B_k: np.ndarray, H_kk: np.ndarray) -> GroupTables:
     BHBt = BH @ B_k.T  # B_k H_kk B_kᵀ; Q[g] is its g-th 4×4 diagonal block
     Q = np.stack([BHBt[block(g, GROUP), block(g, GROUP)] for g in range(b // GROUP)])
     Q_ss = np.stack([[Q_g[np.ix_(s, s)] for s in SUPPORTS] for Q_g in Q])
-    return GroupTables(BH, Q, Q_ss, psd_pinv(Q_ss))
+    # what Q_g would hold if its channels were live: its largest row of B_g squared times the block's largest h
+    h_max = max(float(np.max(np.diag(H_kk))), 0.0)
+    scale = np.array([np.max(np.sum(B_k[block(g, GROUP)] ** 2, axis=1)) * h_max for g in range(b // GROUP)])
+    return GroupTables(BH, Q, Q_ss, psd_pinv(Q_ss, scale[:, None]))
 
 
 def all_group_tables(problem: Problem, f: Factors) -> list[GroupTables]:

@@ -36,27 +36,28 @@ import numpy as np
 
 from armor_ref.factorization import (
     CORE_CG_ITERATIONS,
+    CORE_CG_RTOL,
     DEFAULT_BLOCK_SIZE,
-    DEFAULT_INIT,
-    DEFAULT_SWEEPS,
     DEFAULT_TOL,
     PINV_RTOL,
-    SCHEDULES,
+    PRECONDITIONER_RIDGE,
+    PSD_PINV_CUTOFF,
+    TIE_RTOL,
+    TINY,
     ArmorResult,
-    check_shapes,
+    check_options,
 )
 
-from .baselines import BASELINES, run_baseline
+from .baselines import run_baseline
 from .masks import GROUP, SupportTables, has_two_per_group, support_tables
 from .objectives import DEFAULT_DAMPING, Problem, make_problem
 from .threads import limit_threads
 from .xp import Array, Namespace, dtype_name, make_namespace
 
-PSD_RTOL = 1e-12  # relative eigenvalue cut-off of the PSD pseudo-inverses (the reference's)
-#: relative tie tolerance of the discrete decision per working dtype (the reference's 1e-12 in float64)
-TIE_TOLERANCE = {"float64": 1e-12, "float32": 1e-6}
-#: relative ridge of the core step's block-Jacobi preconditioner (the reference's 1e-10 in float64)
-PRECONDITIONER_RIDGE = {"float64": 1e-10, "float32": 1e-6}
+#: relative tie tolerance of the discrete decision and ridge of the core step's preconditioner per working dtype:
+#: the reference's in float64, looser in float32 where its round-off is ~1e-7
+TIE_TOLERANCE = {"float64": TIE_RTOL, "float32": 1e-6}
+PRECONDITIONER_RIDGES = {"float64": PRECONDITIONER_RIDGE, "float32": 1e-6}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,11 +95,13 @@ def reconstruct(xp: Namespace, A: Array, S: Array, B: Array) -> Array:
     return blockdiag_left(A, blockdiag_right(xp, S, B))
 
 
-def psd_pinv(xp: Namespace, M: Array) -> Array:
+def psd_pinv(xp: Namespace, M: Array, scale: Array | float = 0.0) -> Array:
     """Pseudo-inverse of a batch of symmetric PSD matrices (..., n, n), taken in float64; eigenvalues below
-    ``PSD_RTOL · λ_max`` count as zero. Returned in the dtype of ``M``."""
+    ``PSD_PINV_CUTOFF · max(λ_max, scale)`` count as zero (``scale`` broadcast over the batch: the size ``M`` would
+    have if nothing in it were dead). Returned in the dtype of ``M``."""
     w, V = xp.linalg.eigh(xp.astype(M, xp.float64))
-    keep = w > PSD_RTOL * xp.amax(xp.abs(w), axis=-1, keepdims=True)
+    largest = xp.amax(xp.abs(w), axis=-1, keepdims=True)
+    keep = w > PSD_PINV_CUTOFF * xp.where(largest > scale, largest, scale)
     inv_w = xp.where(keep, 1.0 / xp.where(keep, w, 1.0), 0.0)
     return xp.astype((V * inv_w[..., None, :]) @ xp.swapaxes(V, -1, -2), M.dtype)
 
@@ -189,7 +192,9 @@ def b_step(problem: Problem, f: Factors) -> None:
         dE[:, cols] = -(Qk[k] @ dB)
 
 
-def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = 1e-10) -> None:
+def core_values_step(
+    problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = CORE_CG_RTOL
+) -> None:
     """Core-values step: ``M ⊙ (AᵀA S (B H Bᵀ)) = M ⊙ (Aᵀ T H Bᵀ)`` by preconditioned CG from the current values,
     each step an exact line minimisation (the loss never increases). Preconditioner: for row ``i`` and column
     block ``k``, ``(AᵀA)_ii · C_kk[J, J]`` on the kept entries ``J`` (``C = B H Bᵀ``)."""
@@ -223,7 +228,7 @@ def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERA
     C_kept = C_blocks[xp.arange(K)[None, :, None, None], kept[..., :, None], kept[..., None, :]]
     P = xp.diagonal(AtA, 0, -2, -1).reshape(d_out, 1, 1, 1) * C_kept  # (d_out, K, b/2, b/2), PSD
     del C_kept
-    ridge = PRECONDITIONER_RIDGE[dtype_name(A.dtype)] * xp.diagonal(P, 0, -2, -1).sum(-1) / half + 1e-300
+    ridge = PRECONDITIONER_RIDGES[dtype_name(A.dtype)] * xp.diagonal(P, 0, -2, -1).sum(-1) / half + TINY
     P_inv = xp.linalg.inv(P + ridge[..., None, None] * xp.eye(half, dtype=P.dtype)).reshape(-1, half, half)
     del P
     flat = (xp.arange(d_out * K)[:, None] * b + kept.reshape(-1, half)).reshape(-1)  # kept entries of S.reshape(-1)
@@ -241,7 +246,7 @@ def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERA
     rz = dot(residual, z)
     rhs_norm = dot(rhs, rhs) ** 0.5
     for _ in range(max_iter):
-        if rz <= 0 or dot(residual, residual) ** 0.5 <= rtol * max(rhs_norm, 1e-300):
+        if rz <= 0 or dot(residual, residual) ** 0.5 <= rtol * max(rhs_norm, TINY):
             break
         Ad = operator(direction)
         curvature = dot(direction, Ad)
@@ -299,7 +304,11 @@ def group_tables(xp: Namespace, B_ks: Array, H_kk: Array) -> GroupTables:
     Q = xp.stack([BHBt[:, 4 * g : 4 * g + 4, 4 * g : 4 * g + 4] for g in range(nb)], axis=1)
     sup = supports.flat.reshape(-1, 2)
     Q_ss = xp.astype(Q[..., sup[:, :, None], sup[:, None, :]], xp.float64)  # (nk, b/4, 6, 2, 2)
-    P = psd_pinv(xp, Q_ss)
+    # what Q_g would hold if its channels were live: its largest row of B_g squared times the block's largest h
+    h_max = xp.amax(xp.diagonal(H_kk, 0, -2, -1), axis=-1)  # (nk,)
+    row_norm2 = xp.amax((B_ks * B_ks).sum(-1).reshape(nk, nb, GROUP), axis=-1)  # (nk, b/4)
+    scale = xp.astype(row_norm2 * xp.where(h_max > 0, h_max, 0 * h_max)[:, None], xp.float64)
+    P = psd_pinv(xp, Q_ss, scale[:, :, None, None])
     Z = P @ Q_ss @ P - 2 * P
     E, Et = supports.scatter, xp.swapaxes(supports.scatter, -1, -2)  # (6, 2, 4): slot t of support s → position
     T = xp.zeros((nk, nb, 30, 20), dtype=xp.float64)
@@ -325,7 +334,7 @@ def decide(
     cost_current = xp.pick(cost, current)
     best = cost.argmin(-1)
     best_cost = xp.pick(cost, best)
-    switch = best_cost < cost_current - (tie * (xp.abs(cost_current) + xp.abs(cost_now)) + 1e-300)
+    switch = best_cost < cost_current - (tie * (xp.abs(cost_current) + xp.abs(cost_now)) + TINY)
     accept = (a_norm2 > 0) & (xp.where(switch, best_cost, cost_current) < cost_now)
     return xp.where(switch, best, current), switch, accept
 
@@ -610,7 +619,7 @@ def run_adam(
         cols = slice(ks.start * b, ks.stop * b)
         G = problem.times_H(problem.target - f.W_hat())
         weights = xp.abs(grad_S[:, cols]).reshape(R, b, nk, nb, GROUP).sum(-1)
-        weights = xp.permute(weights, (0, 2, 1, 3)).reshape(R, nk, -1) + 1e-300  # (R, nk, b·b/4)
+        weights = xp.permute(weights, (0, 2, 1, 3)).reshape(R, nk, -1) + TINY  # (R, nk, b·b/4)
         cdf = weights.cumsum(-1)
         draws = xp.asarray(rng.random((R, nk, 1)), dtype=cdf.dtype) * cdf[..., -1:]
         flat = (cdf < draws).sum(-1)
@@ -636,39 +645,6 @@ def run_adam(
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
-def check_options(
-    W: np.ndarray,
-    gram: np.ndarray,
-    proxy: str,
-    init: str | None,
-    block_size: int,
-    sweeps: int | None,
-    tol: float,
-    schedule: str,
-) -> tuple[str, int]:
-    """The reference's checks of :func:`factorize`'s input, with its messages (ValueError); returns the init
-    baseline and the sweep budget with the defaults filled in."""
-    d_out, d_in = W.shape
-    check_shapes(d_out, d_in, block_size)
-    if gram.shape != (d_in, d_in):
-        raise ValueError(f"Gram matrix shape {gram.shape} does not match the layer's {d_in} inputs")
-    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(gram))):
-        raise ValueError("the layer or its Gram matrix holds NaN or infinite values")
-    if proxy not in DEFAULT_INIT:
-        raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(DEFAULT_INIT)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    init = init or DEFAULT_INIT[proxy]
-    if init not in BASELINES:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
-    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
-    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 0:
-        raise ValueError(f"sweeps must be a whole number >= 0, got {sweeps!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 <= tol < np.inf:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    return init, sweeps
-
-
 def factorize(
     W: np.ndarray,
     gram: np.ndarray,

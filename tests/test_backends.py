@@ -439,3 +439,18 @@ def test_commands_take_threads_and_run_under_them(small_model, monkeypatch):
     assert bad.exit_code == 2 and "--threads" in bad.output
     for command in ("demo", "prune", "compress"):
         assert "--threads" in CliRunner().invoke(cli, [command, "--help"]).output
+
+
+@pytest.mark.parametrize("target", FLOAT64_CPU)
+@pytest.mark.parametrize("proxy", ["nowag", "hessian"])
+def test_an_all_dead_support_decides_as_in_the_reference(target, proxy):
+    """The degenerate layer of verification's third thorough run (a support of two dead channels whose ``Q_ss`` is
+    rounding residue): the fast path's ``Q_ss⁺`` cut-off is the reference's, so the decisions agree and no core
+    value blows up."""
+    from verification.test_factorize import ALL_DEAD_SUPPORT
+
+    layer = ALL_DEAD_SUPPORT.build()
+    want = ref.factorize(layer.W, layer.gram, proxy, block_size=16, sweeps=3, tol=0.0)
+    got = get_factorize(*target)(layer.W, layer.gram, proxy, block_size=16, sweeps=3, tol=0.0)
+    assert_same_answers(got, want)
+    assert np.all(np.abs(got.S) < np.finfo(np.float32).max)
