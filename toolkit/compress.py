@@ -545,6 +545,9 @@ def compress_model(
             "machine": machine_info(),
         }
         _write_index(out_dir, len(blocks), settings)
+        from .hf import write_armor_config  # transformers' view of the directory (toolkit.hf)
+
+        write_armor_config(model_dir, out_dir, settings.block_size, settings.method, _proxy_of(settings))
         write_json(os.path.join(out_dir, REPORT_FILE), report)
         shutil.rmtree(progress_dir, ignore_errors=True)
     return report
