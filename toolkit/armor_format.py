@@ -224,6 +224,13 @@ def _bad_armor(source: object, problem: str) -> ArmorError:
     return ArmorError(f"{source}: {problem}", "write it again with armor-ref (factorize or compress)")
 
 
+def dense_tensor_name(stem: str, metadata: Mapping[str, str] | None = None) -> str:
+    """The dense tensor a stored layer ``stem`` stands for. ``factorize`` stores *tensors* under their own names (its
+    header lists them in ``tensors``); ``compress`` stores *modules*: ``NAME.armor.*`` for the linear ``NAME``, whose
+    dense tensor is ``NAME.weight``."""
+    return stem if metadata and "tensors" in metadata else f"{stem}.weight"
+
+
 def armor_stems(names: object) -> list[str]:
     """The factorized tensors' names (``NAME`` of ``NAME.armor.*``) among tensor ``names``, sorted."""
     return sorted({key[: -len(s)] for key in names for s in ARMOR_SUFFIXES if key.endswith(s)})  # type: ignore[union-attr]

@@ -32,18 +32,36 @@ from armor_ref.masks import GROUP, has_two_per_group, is_2of4
 from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss, relative_output_error
 from backends import BACKENDS, BackendUnavailable, get_factorize
 
-from .armor_format import ARMOR_FORMAT, load_armor, save_armor
-from .calibration import load_calibration
+from .armor_format import (
+    ARMOR_FORMAT,
+    ARMOR_SUFFIXES,
+    ArmorLayer,
+    armor_layer,
+    armor_stems,
+    dense_tensor_name,
+    load_armor,
+    save_armor,
+)
+from .calibration import load_calibration, load_calibrations
 from .cli_model import register_model_commands
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
-from .files import read_safetensors, write_json, write_safetensors
+from .files import read_safetensors, read_safetensors_header, write_json, write_safetensors
+from .models import armor_quantization, read_config, weight_files
 from .report import compare_with_baselines, comparison_table, format_table, layer_metrics
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
 DEMO_CALIB = DATA_DIR / "minilm_calib.npy"
 DEMO_HELDOUT = DATA_DIR / "minilm_heldout.npy"
-DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets that keep `armor-ref demo` near a minute on 2 cores
+DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets: about 10 s of CPU time with one BLAS thread
+DEMO_COLUMNS = """Columns of the tables above (rows: the four 2:4 baselines, then ARMOR with each objective and its
+sweep budget, sw):
+  nowag loss     the paper's proxy loss, sum_ij h_j (W_ij - Ŵ_ij)² on row/column-normalised weights, h_j the
+                 squared norm of input channel j on the calibration tokens
+  calib out err  the relative output error |(W - Ŵ) Xᵀ|² / |W Xᵀ|² on the calibration tokens X
+  held-out err   the same on the held-out tokens (text the methods never saw)
+  seconds        the method's time on this tensor
+"""
 
 
 class ArmorGroup(click.Group):
@@ -108,11 +126,9 @@ def is_explicit(pattern: str) -> bool:
     return not any(ch in pattern for ch in "*?[")
 
 
-def select_matrices(
-    weights: Mapping[str, np.ndarray], patterns: Sequence[str], notes: list[str]
-) -> tuple[list[str], set[str]]:
-    """Names of the 2-D floating-point tensors matching ``patterns`` (fnmatch globs), and the explicitly named
-    ones. A tensor named explicitly must exist and be 2-D; others that are not 2-D are skipped with a note."""
+def select_matrices(weights: Mapping[str, np.ndarray], patterns: Sequence[str], notes: list[str]) -> list[str]:
+    """Names of the 2-D floating-point tensors matching ``patterns`` (fnmatch globs). A tensor named explicitly
+    must exist and be 2-D; others that are not 2-D are skipped with a note."""
     explicit = {p for p in patterns if is_explicit(p)}
     for name in sorted(explicit):
         if name not in weights:
@@ -137,31 +153,29 @@ def select_matrices(
             f"nothing to factorize: no 2-D tensor matches --tensors {' '.join(patterns)}",
             "armor-ref inspect FILE lists the tensors",
         )
-    return selected, explicit
+    return selected
 
 
 def calibrated_layers(
-    weights: Mapping[str, np.ndarray], patterns: Sequence[str], calib: Path, notes: list[str]
+    weights: Mapping[str, np.ndarray], patterns: Sequence[str], calib: Sequence[Path], notes: list[str]
 ) -> tuple[list[str], dict[str, tuple[np.ndarray, int | None]]]:
-    """The selected 2-D tensors that have calibration data, with their Gram matrices; checks every input."""
-    selected, explicit = select_matrices(weights, patterns, notes)
-    grams = load_calibration(calib, {name: weights[name] for name in selected})
-    layers = []
+    """The selected 2-D tensors with their Gram matrices from the ``calib`` files (merged); checks every input.
+    Every selected tensor must have calibration: one that has none is an error naming it (leave it out with
+    ``--tensors``), never a silent skip."""
+    selected = select_matrices(weights, patterns, notes)
+    grams = load_calibrations(calib, {name: weights[name] for name in selected})
+    lacking = [name for name in selected if name not in grams]
+    if lacking:
+        shown = ", ".join(f"{name} {'x'.join(map(str, weights[name].shape))}" for name in lacking[:3])
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        raise ArmorError(
+            f"no calibration for {len(lacking)} of the {len(selected)} selected tensor(s): {shown}{more}",
+            "give their input activations (N, d_in) with another --calib, or leave them out with --tensors",
+        )
     for name in selected:
-        if name not in grams:
-            if name in explicit:
-                raise ArmorError(
-                    f"calibration {calib} has nothing for tensor {name!r} of shape {weights[name].shape}",
-                    "give activations of its input (N, d_in)",
-                )
-            notes.append(f"skipped {name} {weights[name].shape}: no calibration of its input dimension")
-            continue
         if not np.all(np.isfinite(weights[name])):
             raise ArmorError(f"tensor {name!r} contains NaN or Inf values", "fix the weights before compressing")
-        layers.append(name)
-    if not layers:
-        raise ArmorError("nothing to factorize: no selected tensor has calibration data", "check --calib")
-    return layers, grams
+    return selected, grams
 
 
 def load_heldout(
@@ -217,9 +231,12 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     "--calib",
     "calib",
     required=True,
+    multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Calibration: .npy activations (N, d_in) for every tensor of that input width, or .npz / "
-    ".safetensors keyed by tensor name (NAME = activations, NAME.gram = XᵀX).",
+    ".safetensors keyed by tensor name (NAME = activations, NAME.gram = XᵀX). Repeat to merge files (e.g. one "
+    ".npy per input width); each tensor takes its calibration from exactly one file, and every selected tensor "
+    "needs some.",
 )
 @click.option(
     "--heldout",
@@ -295,7 +312,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N for GPU backends.")
 def factorize(
     weights: Path,
-    calib: Path,
+    calib: tuple[Path, ...],
     heldout: Path | None,
     output: Path | None,
     proxy: str,
@@ -326,7 +343,7 @@ def factorize(
     """
     output = output or sibling_path(weights, ".armor.safetensors")
     report = report or sibling_path(output, ".report.json")
-    inputs = [weights, calib] + ([heldout] if heldout else [])
+    inputs = [weights, *calib] + ([heldout] if heldout else [])
     check_output_path(output, inputs)
     check_output_path(report, [*inputs, output])
     tensors, _ = read_safetensors(weights)
@@ -380,8 +397,8 @@ def factorize(
         click.echo(factorize_table(name, per_tensor[name]) + "\n")
 
     passthrough = {k: v for k, v in tensors.items() if k not in results}
-    metadata = {**settings, "source": weights.name, "calibration": calib.name}
-    report_paths = {"input": str(weights), "calibration": str(calib), "heldout": heldout and str(heldout)}
+    metadata = {**settings, "source": weights.name, "calibration": ",".join(c.name for c in calib)}
+    report_paths = {"input": str(weights), "calibration": [str(c) for c in calib], "heldout": heldout and str(heldout)}
     save_armor(output, results, passthrough, metadata)
     total = time.perf_counter() - t_start
     write_json(
@@ -460,8 +477,9 @@ def factorize_table(name: str, entry: dict) -> str:
     "--calib",
     "calib",
     required=True,
+    multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Calibration activations or Gram matrices, as for `armor-ref factorize`.",
+    help="Calibration activations or Gram matrices, as for `armor-ref factorize` (repeat to merge files).",
 )
 @click.option("--method", type=click.Choice(BASELINES), required=True, help="The 2:4 pruning baseline.")
 @click.option(
@@ -478,7 +496,7 @@ def factorize_table(name: str, entry: dict) -> str:
     show_default=True,
     help="Glob over tensor names; repeat for several.",
 )
-def prune(weights: Path, calib: Path, method: str, output: Path | None, patterns: tuple[str, ...]) -> None:
+def prune(weights: Path, calib: tuple[Path, ...], method: str, output: Path | None, patterns: tuple[str, ...]) -> None:
     """Prune the 2-D tensors of WEIGHTS to 2:4 with a baseline; write a plain dense safetensors file.
 
     Pruned tensors keep their names and dtype (bfloat16 is written as float32); 2 of every 4 consecutive
@@ -489,7 +507,7 @@ def prune(weights: Path, calib: Path, method: str, output: Path | None, patterns
         armor-ref prune model.safetensors --calib acts.npy --method sparsegpt
     """
     output = output or sibling_path(weights, f".{method}-2of4.safetensors")
-    check_output_path(output, [weights, calib])
+    check_output_path(output, [weights, *calib])
     tensors, _ = read_safetensors(weights)
     notes: list[str] = []
     layers, grams = calibrated_layers(tensors, patterns, calib, notes)
@@ -521,41 +539,48 @@ def prune(weights: Path, calib: Path, method: str, output: Path | None, patterns
 # inspect
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def inspect(file: Path) -> None:
-    """Describe a safetensors FILE: for an ARMOR file, each factorized tensor's shape, the 2:4 check and its
-    size against dense fp16/fp32; for any other file, each tensor's shape, dtype and whether it is 2:4.
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="For a directory: one row per factorized linear as well.")
+def inspect(path: Path, verbose: bool) -> None:
+    """Describe a safetensors file or a compressed directory (written by `armor-ref compress`).
+
+    An ARMOR file: each factorized tensor's shape, the 2:4 check of its core and its size against dense fp16/fp32.
+    A compressed directory: per block, the 2:4 check of every core and the bytes of its linears as stored against
+    the same linears dense (in the dense model's dtype), then the whole model's bytes against the dense model's.
+    Any other file: each tensor's shape, dtype and whether it is 2:4.
 
     \b
-    Example:
+    Examples:
         armor-ref inspect model.armor.safetensors
+        armor-ref inspect ./minilm-armor
     """
-    tensors, metadata = read_safetensors(file)
+    if path.is_dir():
+        inspect_directory(path, verbose)
+        return
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != ARMOR_FORMAT:
-        click.echo(f"{file}: plain safetensors file, {len(tensors)} tensors")
+        click.echo(f"{path}: plain safetensors file, {len(tensors)} tensors")
         rows = []
         for name, array in tensors.items():
             sparse = is_2of4(array) if array.ndim == 2 and array.dtype.kind == "f" else "-"
             rows.append([name, "x".join(map(str, array.shape)), str(array.dtype), sparse, array.nbytes])
         click.echo(format_table(["tensor", "shape", "dtype", "2:4", "bytes"], rows))
         return
-    armor = load_armor(file)
+    armor = load_armor(path)
     extras = ", ".join(f"{k}={metadata[k]}" for k in ("init", "schedule", "sweeps", "source") if k in metadata)
     click.echo(
-        f"{file}: ARMOR file, version {metadata.get('version')}, block size {armor.block_size}, "
+        f"{path}: ARMOR file, version {metadata.get('version')}, block size {armor.block_size}, "
         f"proxy {armor.proxy}" + (f" ({extras})" if extras else "")
     )
     rows, totals = [], np.zeros(4, dtype=np.int64)
     for name in armor.names:
         layer = armor.layers[name]
         d_out, d_in = layer.shape
-        S, mask = layer.core()
-        ok = "ok" if is_2of4(S) and has_two_per_group(mask) else "FAILED"
         stored = layer.A.nbytes + layer.B.nbytes + layer.values.nbytes + layer.index.nbytes
         at_fp16 = (layer.A.size + layer.B.size + layer.values.size) * 2 + layer.index.nbytes
         sizes = np.array([stored, at_fp16, d_out * d_in * 2, d_out * d_in * 4])
         totals += sizes
-        rows.append([name, f"{d_out}x{d_in}", ok, *map(int, sizes), float(at_fp16 / (d_out * d_in * 2))])
+        rows.append([name, f"{d_out}x{d_in}", core_check(layer), *map(int, sizes), float(at_fp16 / (d_out * d_in * 2))])
     rows.append(["total", "", "", *map(int, totals), float(totals[1] / totals[2]) if totals[2] else 0.0])
     click.echo(
         format_table(
@@ -569,31 +594,136 @@ def inspect(file: Path) -> None:
     )
 
 
+def core_check(layer: ArmorLayer) -> str:
+    """``ok`` when the decoded core keeps at most 2 of every 4 weights on exactly 2 positions per group."""
+    S, mask = layer.core()
+    return "ok" if is_2of4(S) and has_two_per_group(mask) else "FAILED"
+
+
+def block_label(stem: str) -> str:
+    """The block a module belongs to: the first numeric part of its name (``model.layers.3.mlp.up_proj`` → 3), or
+    the name itself for a module outside the blocks (``lm_head``)."""
+    return next((part for part in stem.split(".") if part.isdigit()), stem)
+
+
+def inspect_directory(directory: Path, verbose: bool) -> None:
+    """`armor-ref inspect DIR`: per block the 2:4 check of every core and bytes against dense, then the whole model."""
+    config = read_config(str(directory))
+    quantization = armor_quantization(config)
+    dense = quantization.get("dense", {})
+    dtype_bytes = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dense.get("dtype", "float32")]
+    files = weight_files(str(directory))
+    blocks: dict[str, list[int]] = {}  # label -> [linears, ok cores, armor bytes, dense bytes]
+    per_tensor, failed = [], []
+    stored_total = dense_total = 0
+    for file in files:
+        infos, _ = read_safetensors_header(file)
+        tensors, _ = read_safetensors(file)
+        stems = armor_stems(tensors)
+        for stem in stems:
+            layer = armor_layer(stem, tensors, int(quantization["block_size"]), file)
+            d_out, d_in = layer.shape
+            check = core_check(layer)
+            stored = sum(infos[stem + s].end - infos[stem + s].begin for s in ARMOR_SUFFIXES)
+            entry = blocks.setdefault(block_label(stem), [0, 0, 0, 0])
+            entry[0] += 1
+            entry[1] += check == "ok"
+            entry[2] += stored
+            entry[3] += d_out * d_in * dtype_bytes
+            per_tensor.append([stem, f"{d_out}x{d_in}", check, stored, d_out * d_in * dtype_bytes])
+            failed += [stem] if check != "ok" else []
+        factor_names = {stem + s for stem in stems for s in ARMOR_SUFFIXES}
+        for name, info in infos.items():
+            size = info.end - info.begin
+            stored_total += size
+            dense_total += size if name not in factor_names else 0
+    linears = sum(e[0] for e in blocks.values())
+    dense_total += sum(e[3] for e in blocks.values())
+    click.echo(
+        f"{directory}: compressed directory, ARMOR format {quantization.get('format_version')}, block size "
+        f"{quantization['block_size']}, {quantization.get('method')} (proxy {quantization.get('proxy')}); dense "
+        f"model {dense.get('model_type')}, {dense.get('dtype')}; {linears} factorized linears in {len(files)} file(s)"
+    )
+    rows = [[label, e[0], f"{e[1]}/{e[0]} ok", e[2], e[3], e[2] / e[3]] for label, e in blocks.items()]
+    totals = [sum(e[i] for e in blocks.values()) for i in range(4)]
+    rows.append(["linears", totals[0], f"{totals[1]}/{totals[0]} ok", totals[2], totals[3], totals[2] / totals[3]])
+    rows.append(["whole model", "", "", stored_total, dense_total, stored_total / dense_total])
+    click.echo(format_table(["block", "linears", "2:4 cores", "armor bytes", "dense bytes", "armor/dense"], rows))
+    if verbose:
+        click.echo(format_table(["linear", "shape", "2:4", "armor bytes", "dense bytes"], per_tensor))
+    click.echo(
+        f"armor bytes: the A, B, values and index tensors as stored; dense bytes: the same linears' weights in "
+        f"{dense.get('dtype')}; whole model: every tensor, embeddings, norms and biases as stored"
+    )
+    if failed:
+        raise ArmorError(f"{len(failed)} core(s) fail the 2:4 check, e.g. {failed[0]}", "write the directory again")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# reconstruct
+# reconstruct, export-dense
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Dense output file [default: FILE with .dense.safetensors].",
+    type=click.Path(path_type=Path),
+    help="Dense output file [default: FILE with .dense.safetensors], or directory [default: DIR-dense].",
 )
-def reconstruct(file: Path, output: Path | None) -> None:
-    """Rebuild dense weights from an ARMOR FILE: Ŵ = blockdiag(A) · S · blockdiag(B) in float32 under the
-    original tensor names, plus every passthrough tensor, as a plain safetensors file.
+def reconstruct(path: Path, output: Path | None) -> None:
+    """Rebuild dense weights from an ARMOR file or a compressed directory: Ŵ = blockdiag(A) · S · blockdiag(B).
+
+    A file: Ŵ in float32 under the dense tensor names (a `compress` shard's module NAME becomes NAME.weight), plus
+    every passthrough tensor, as a plain safetensors file. A directory: the same as `armor-ref export-dense`.
+
+    \b
+    Examples:
+        armor-ref reconstruct model.armor.safetensors -o model.dense.safetensors
+        armor-ref reconstruct ./minilm-armor -o ./minilm-dense
+    """
+    if path.is_dir():
+        write_dense_directory(path, output or path.with_name(path.name + "-dense"))
+        return
+    output = output or sibling_path(path, ".dense.safetensors")
+    check_output_path(output, [path])
+    armor = load_armor(path)
+    dense = {dense_tensor_name(name, armor.metadata): armor.reconstruct(name, np.float32) for name in armor.names}
+    write_safetensors(output, {**armor.passthrough, **dense}, {"format": "dense", "source": path.name})
+    click.echo(f"wrote {output} ({len(dense)} reconstructed, {len(armor.passthrough)} copied through)")
+
+
+@cli.command("export-dense")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The dense directory to write (must not exist, or be empty).",
+)
+def export_dense_command(directory: Path, output: Path) -> None:
+    """Write a plain checkpoint of a compressed DIRECTORY, loadable by any tool at dense cost.
+
+    Every factorized linear NAME becomes an ordinary NAME.weight = Ŵ in the dense model's own dtype; every other
+    tensor is copied. The shards are named and indexed like the dense model's (one model.safetensors when it was
+    one file), config.json gets its model type back (no quantization_config), and the tokenizer and
+    sentence-transformers files are copied. Needs torch (for bfloat16), not the armor-ref package, to load.
 
     \b
     Example:
-        armor-ref reconstruct model.armor.safetensors -o model.dense.safetensors
+        armor-ref export-dense ./minilm-armor -o ./minilm-dense
     """
-    output = output or sibling_path(file, ".dense.safetensors")
-    check_output_path(output, [file])
-    armor = load_armor(file)
-    dense = {name: armor.reconstruct(name, np.float32) for name in armor.names}
-    write_safetensors(output, {**armor.passthrough, **dense}, {"format": "dense", "source": file.name})
-    click.echo(f"wrote {output} ({len(dense)} reconstructed, {len(armor.passthrough)} copied through)")
+    write_dense_directory(directory, output)
+
+
+def write_dense_directory(directory: Path, output: Path) -> None:
+    from .export import export_dense
+
+    summary = export_dense(str(directory), str(output))
+    click.echo(
+        f"wrote {output}: {summary['reconstructed']} linears rebuilt as dense {summary['dtype']} weights"
+        f", {summary['copied']} tensors copied, {len(summary['files'])} weights file(s)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -642,8 +772,9 @@ def demo(
     held-out tokens from standard-library docstrings. For each weight it prints the nowag loss and the
     relative output error on calibration and held-out tokens of magnitude, Wanda, NoWag-P, SparseGPT,
     ARMOR (nowag proxy, from NoWag-P) and ARMOR (hessian objective, from SparseGPT). The sweep budgets are
-    kept small (about 18 s of single-core CPU time) so that it runs well within a minute on 2 CPU cores; on a
-    busy machine, OPENBLAS_NUM_THREADS=1 avoids BLAS threads competing for the cores.
+    kept small: about 10 s of CPU time with one BLAS thread. Wall time depends on the machine and its load: BLAS
+    threads competing with other work for few cores can make it several times slower, so on a busy or small
+    machine run it with OPENBLAS_NUM_THREADS=1.
 
     \b
     Examples:
@@ -653,7 +784,7 @@ def demo(
     t_start = time.perf_counter()
     tensors, _ = read_safetensors(DEMO_WEIGHTS)
     notes: list[str] = []
-    layers, grams = calibrated_layers(tensors, patterns, DEMO_CALIB, notes)
+    layers, grams = calibrated_layers(tensors, patterns, [DEMO_CALIB], notes)
     heldout = load_calibration(DEMO_HELDOUT, {name: tensors[name] for name in layers})
     for name in layers:
         check_factorizable(name, tensors[name].shape, block_size)
@@ -685,6 +816,7 @@ def demo(
                 armor["nowag"]["calib_output_error"] / sgpt["calib_output_error"],
             ]
         )
+    click.echo(DEMO_COLUMNS)
     click.echo("Summary (ratios; below 1 means ARMOR is better):")
     click.echo(
         format_table(

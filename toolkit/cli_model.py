@@ -15,6 +15,7 @@ import os
 import click
 
 from .compress import METHODS, CompressSettings
+from .report import compression_table, format_table
 
 
 def _init_distributed(device: str) -> None:
@@ -118,11 +119,15 @@ def compress(
     _init_distributed(device)
     report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
     if report:
+        click.echo("Relative output error ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² of each linear on the calibration data, per block:")
+        click.echo(compression_table(report))
+        for note in report.get("notes", []):
+            click.echo(f"note: {note}", err=True)
         errors = [layer["relative_output_error"] for layer in report["layers"]]
         click.echo(
             f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s; "
             f"relative output error mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; "
-            f"written to {out_dir}"
+            f"written to {out_dir}" + (f" (plot: {report['error_plot']})" if "error_plot" in report else "")
         )
 
 
@@ -171,9 +176,31 @@ def evaluate(
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
-    for key in sorted(result):
+    compared = side_by_side(result) if reference_dir is not None else []
+    shown = {key for row in compared for key in row[3:]}
+    for key in sorted(set(result) - shown):
         value = result[key]
         click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    if compared:
+        click.echo(format_table(["", "compressed", "dense (reference)"], [row[:3] for row in compared]))
+
+
+# metric of the evaluated model -> (label, the reference's figure: a result key, or the value it has by definition)
+COMPARED = {
+    "perplexity": ("perplexity", "reference_perplexity"),
+    "retrieval_accuracy": ("half-passage retrieval accuracy", "reference_retrieval_accuracy"),
+    "cosine_to_reference": ("embedding cosine to the dense model", 1.0),
+}
+
+
+def side_by_side(result: dict) -> list[list]:
+    """Rows ``[label, model's value, reference's value, keys shown…]`` for `armor-ref eval --reference`."""
+    rows = []
+    for key, (label, reference) in COMPARED.items():
+        if key in result:
+            keys = [key] + ([reference] if isinstance(reference, str) else [])
+            rows.append([label, result[key], result[reference] if isinstance(reference, str) else reference, *keys])
+    return rows
 
 
 def register_model_commands(group: click.Group) -> click.Group:

@@ -70,7 +70,7 @@ from .models import (
     require_torch,
     tensor_locations,
 )
-from .report import machine_info
+from .report import machine_info, write_error_plot
 
 METHODS = ("armor-nowag", "armor-hessian", "sparsegpt", "wanda", "nowag-p", "magnitude")
 PROGRESS_DIR = ".armor-progress"
@@ -548,6 +548,7 @@ def compress_model(
         from .hf import write_armor_config  # transformers' view of the directory (toolkit.hf)
 
         write_armor_config(model_dir, out_dir, settings.block_size, settings.method, _proxy_of(settings))
+        report.update(write_error_plot(out_dir, report))  # armor_errors.png beside the report (toolkit.report)
         write_json(os.path.join(out_dir, REPORT_FILE), report)
         shutil.rmtree(progress_dir, ignore_errors=True)
     return report

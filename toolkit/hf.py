@@ -47,7 +47,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from backends.torch.inference import ArmorLinear
 
-from .armor_format import ARMOR_SUFFIXES, ARMOR_VERSION, armor_stems
+from .armor_format import ARMOR_FORMAT, ARMOR_SUFFIXES, ARMOR_VERSION, armor_stems
 from .errors import ArmorError
 from .files import atomic_write, write_json
 from .models import (
@@ -62,7 +62,7 @@ from .models import (
     weight_files,
 )
 
-QUANT_METHOD = "armor"
+QUANT_METHOD = ARMOR_FORMAT  # the quantization method's name is the format's
 REMOTE_CODE_FILE = "modeling_armor.py"
 AUTO_CLASSES = (
     "AutoModel",

@@ -31,6 +31,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from .armor_format import ARMOR_FORMAT
 from .errors import EXIT_FAILURE, ArmorError
 
 HF_INSTALL_HINT = "this command needs torch and transformers: pip install 'armor-ref[hf]'"
@@ -122,6 +123,18 @@ def dense_model_type(config: dict[str, Any]) -> Any:
     """The config's ``model_type``, for a compressed directory (``armor_llama``) the dense model's (``llama``)."""
     model_type = config.get("model_type")
     return model_type.removeprefix(ARMOR_MODEL_TYPE_PREFIX) if isinstance(model_type, str) else model_type
+
+
+def armor_quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` of a compressed directory's config (written by :mod:`toolkit.hf`);
+    :class:`ArmorError` when the config is not a compressed directory's."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != ARMOR_FORMAT:
+        raise ArmorError(
+            "not a compressed directory: its config.json has no ARMOR quantization_config",
+            "give a directory written by armor-ref compress",
+        )
+    return quantization
 
 
 def layout_of(config: dict[str, Any]) -> Layout:
