@@ -261,17 +261,26 @@ def test_demo_runs_on_one_tensor_and_prints_the_comparison():
     assert "2048 calibration / 1024 held-out tokens" in text
     for word in ("magnitude", "wanda", "nowag-p", "sparsegpt", "ARMOR (nowag", "ARMOR (hessian", "Summary"):
         assert word in text
+    legend = text.split("Columns of the tables above")[1].split("Summary")[0]
+    for column in ("nowag loss", "calib out err", "held-out err", "seconds"):
+        assert column in legend  # every column of the tables is explained
     summary = text.split("Summary")[1].splitlines()
     row = next(line.split() for line in summary if line.strip().startswith("query"))
     loss_ratio, hessian_calib_ratio = float(row[1]), float(row[2])
     assert loss_ratio < 1 and hessian_calib_ratio < 1
 
 
-@pytest.mark.parametrize("command", ["factorize", "prune", "inspect", "reconstruct", "demo"])
+@pytest.mark.parametrize("command", ["factorize", "prune", "inspect", "reconstruct", "export-dense", "demo"])
 def test_every_command_has_a_teaching_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout and "armor-ref " + command in result.stdout
+
+
+def test_demo_help_promises_no_wall_time():
+    """The demo's speed depends on BLAS threads and load; its help says so instead of promising a minute."""
+    text = " ".join(run("demo", "--help").stdout.split())
+    assert "minute" not in text and "OPENBLAS_NUM_THREADS=1" in text and "CPU time" in text
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Tiny random models (2 blocks, hidden 64) built offline keep the whole file to ab
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -443,11 +444,64 @@ def test_cli_compress_and_eval(workdir, tmp_path):
     assert "12 linears compressed with magnitude" in result.output
     report = json.load(open(out / "armor_report.json"))
     assert len(report["layers"]) == 12 and report["machine"]["cpu_count"] >= 1
+    # the end-of-run table: a row per block, a column per linear with its relative output error, and seconds
+    lines = result.stdout.splitlines()
+    header = next(line.split() for line in lines if line.strip().startswith("block"))
+    assert header == [
+        "block",
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "seconds",
+    ]
+    row1 = next(line.split() for line in lines if line.strip().startswith("1 "))
+    errors = {layer["name"]: layer["relative_output_error"] for layer in report["layers"]}
+    assert float(row1[1]) == pytest.approx(errors["encoder.layer.1.attention.self.query"], rel=1e-3)
+    assert float(row1[6]) == pytest.approx(errors["encoder.layer.1.output.dense"], rel=1e-3)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert report["error_plot"] == "armor_errors.png"
+        assert (out / "armor_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     result = run_cli(
         "eval", str(out), "--text", str(workdir / "eval.txt"), "--reference", str(workdir / "bert"), "--json"
     )
     assert result.exit_code == 0, result.output
-    assert 0 < json.loads(result.stdout)["cosine_to_reference"] < 1
+    figures = json.loads(result.stdout)
+    assert 0 < figures["cosine_to_reference"] < 1
+    # without --json: compressed and dense side by side
+    result = run_cli("eval", str(out), "--text", str(workdir / "eval.txt"), "--reference", str(workdir / "bert"))
+    assert result.exit_code == 0, result.output
+    rows = {line.strip().split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    retrieval = rows["half-passage retrieval accuracy"]
+    assert float(retrieval[-2]) == pytest.approx(figures["retrieval_accuracy"], abs=1e-4)
+    assert float(retrieval[-1]) == pytest.approx(figures["reference_retrieval_accuracy"], abs=1e-4)
+    assert rows["embedding cosine to the dense model"][-1] == "1"
+
+
+def test_compress_without_matplotlib_notes_the_missing_plot(workdir, tmp_path, monkeypatch):
+    for name in ["matplotlib"] + [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib…` now raises ImportError
+    out = tmp_path / "out"
+    args = ["--method", "magnitude", "--nsamples", "4", "--seqlen", "32", "--block-size", "16", "--quiet"]
+    result = run_cli(
+        "compress", str(workdir / "bert"), "-o", str(out), "--calib-text", str(workdir / "calib.txt"), *args
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: no armor_errors.png: matplotlib is not installed" in result.stderr
+    assert not (out / "armor_errors.png").exists()
+    assert "error_plot" not in json.load(open(out / "armor_report.json"))
+
+
+def test_eval_on_a_text_without_passages_says_what_a_passage_is(workdir, tmp_path):
+    text = tmp_path / "one-paragraph.txt"
+    text.write_text(sample_text(n_words=400).replace("\n\n", " "))  # a single paragraph
+    result = run_cli("eval", str(workdir / "bert"), "--text", str(text))
+    assert result.exit_code == 2
+    assert "the text has 1 passage(s)" in result.stderr and "separated by a blank line" in result.stderr
+    assert "at least 32 words" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_two_gloo_processes_give_the_single_process_result(workdir, bert_hessian):

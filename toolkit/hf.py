@@ -29,6 +29,11 @@ What a model type of our own costs: tools that look a model up by ``model_type``
 targets, GGUF converters) do not recognise ``armor_llama``; they could not run the factors anyway.
 ``armor-ref export-dense`` (:mod:`toolkit.export`) is the escape hatch: a plain checkpoint of ``Ŵ`` that loads
 everywhere at dense cost.
+
+Import order. ``import armor_ref`` imports this module when transformers is (or gets) imported, possibly while a
+module of the project is half-way through importing ``armor_ref``: so at module level this imports, from the
+project, only modules that never import ``armor_ref`` (``errors``, ``files``, ``models``); the format
+(``armor_format``) and ``ArmorLinear`` are imported where they are used.
 """
 
 from __future__ import annotations
@@ -45,9 +50,6 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from backends.torch.inference import ArmorLinear
-
-from .armor_format import ARMOR_FORMAT, ARMOR_SUFFIXES, ARMOR_VERSION, armor_stems
 from .errors import ArmorError
 from .files import atomic_write, write_json
 from .models import (
@@ -62,7 +64,7 @@ from .models import (
     weight_files,
 )
 
-QUANT_METHOD = ARMOR_FORMAT  # the quantization method's name is the format's
+QUANT_METHOD = "armor"  # the quantization method's name is the format's (toolkit.armor_format.ARMOR_FORMAT)
 REMOTE_CODE_FILE = "modeling_armor.py"
 AUTO_CLASSES = (
     "AutoModel",
@@ -104,6 +106,8 @@ def quantization_config(
     """The ``quantization_config`` of an ARMOR directory (:class:`ArmorQuantizationConfig`'s fields). ``modules``:
     the checkpoint name stems stored as ARMOR factors; ``dense``: the source's ``model_type``, ``architectures``
     and weight ``dtype``, and ``max_shard_bytes`` (its largest shard, ``None`` when it was one file)."""
+    from .armor_format import ARMOR_VERSION
+
     return {
         "quant_method": QUANT_METHOD,
         "format_version": ARMOR_VERSION,
@@ -194,6 +198,8 @@ def write_armor_config(model_dir: str, out_dir: str, block_size: int, method: st
     path = os.path.join(out_dir, "config.json")
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
+    from .armor_format import armor_stems
+
     modules = armor_stems(tensor_locations(out_dir))
     source = read_config(model_dir)
     dense = {
@@ -241,14 +247,16 @@ class ArmorQuantizationConfig(QuantizationConfigMixin):
         self,
         modules: list[str] | None = None,
         block_size: int = 32,
-        format_version: str = ARMOR_VERSION,
+        format_version: str | None = None,
         method: str = "",
         proxy: str = "",
         dense: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        from .armor_format import ARMOR_VERSION
+
         self.quant_method = QUANT_METHOD
-        self.format_version = str(format_version)
+        self.format_version = str(format_version or ARMOR_VERSION)
         self.block_size = int(block_size)
         self.modules = list(modules or [])
         self.method = method
@@ -275,6 +283,8 @@ class ArmorHfQuantizer(HfQuantizer):
     requires_calibration = True  # pre-quantized checkpoints only
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: Any = None, **kwargs: Any) -> Any:
+        from backends.torch.inference import ArmorLinear
+
         config = self.quantization_config
         stems = set(config.modules)
         stored = _stored_shapes(checkpoint_files or [])
@@ -314,6 +324,8 @@ class ArmorHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        from backends.torch.inference import ArmorLinear
+
         for module in model.modules():
             if isinstance(module, ArmorLinear):
                 module.unpack()
@@ -342,6 +354,8 @@ def _stored_shapes(checkpoint_files: list[str]) -> dict[str, tuple[int, ...]] | 
 def _check_checkpoint(stems: set[str], stored: dict[str, tuple[int, ...]]) -> None:
     """ValueError unless every listed module has its four ARMOR tensors, and no unlisted one has any (it would
     otherwise be loaded with a random weight)."""
+    from .armor_format import ARMOR_SUFFIXES, armor_stems
+
     for stem in sorted(stems):
         missing = [stem + s for s in ARMOR_SUFFIXES if stem + s not in stored]
         if missing:

@@ -31,7 +31,6 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from .armor_format import ARMOR_FORMAT
 from .errors import EXIT_FAILURE, ArmorError
 
 HF_INSTALL_HINT = "this command needs torch and transformers: pip install 'armor-ref[hf]'"
@@ -128,6 +127,8 @@ def dense_model_type(config: dict[str, Any]) -> Any:
 def armor_quantization(config: dict[str, Any]) -> dict[str, Any]:
     """The ``quantization_config`` of a compressed directory's config (written by :mod:`toolkit.hf`);
     :class:`ArmorError` when the config is not a compressed directory's."""
+    from .armor_format import ARMOR_FORMAT  # not at the top: toolkit.hf imports this module (see its docstring)
+
     quantization = config.get("quantization_config")
     if not isinstance(quantization, dict) or quantization.get("quant_method") != ARMOR_FORMAT:
         raise ArmorError(
