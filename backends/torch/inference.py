@@ -79,11 +79,17 @@ class ArmorFactors(torch.nn.Module):
     (K, b, b) and the 2:4 ``core`` (dense or semi-structured, see :meth:`place_core`).
 
     Its state dict holds spec §6's tensors, ``A``, ``B``, ``values``, ``index`` (packed from the core on save,
-    unpacked on load). :meth:`empty` builds the *packed* placeholder ``from_pretrained`` fills by name (buffers
-    ``values`` and ``index`` instead of a core, typically on ``meta``); :meth:`unpack` then turns it into the
-    computing form."""
+    unpacked on load). Built with ``packed=(values, index)`` instead of a core it is the *packed* placeholder that
+    ``from_pretrained`` fills by name (typically on ``meta``); :meth:`unpack` then turns it into the computing form."""
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, core: torch.Tensor | None, sparse: bool | None = None):
+    def __init__(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        core: torch.Tensor | None,
+        sparse: bool | None = None,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("A", A.contiguous())
         self.register_buffer("B", B.contiguous())
@@ -92,29 +98,11 @@ class ArmorFactors(torch.nn.Module):
         if core is not None:
             self.register_buffer("core", core.contiguous(), persistent=False)
             self.place_core()
-
-    @classmethod
-    def empty(
-        cls,
-        d_out: int,
-        d_in: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: Any = "meta",
-        sparse: bool | None = None,
-    ) -> ArmorFactors:
-        """A packed placeholder (uninitialised ``A``, ``B``, ``values`` in ``dtype``; ``index`` uint8) to be filled
-        through the state dict or by ``from_pretrained``, then :meth:`unpack`-ed."""
-        b = block_size
-        module = cls(
-            torch.empty(d_out // b, b, b, dtype=dtype, device=device),
-            torch.empty(d_in // b, b, b, dtype=dtype, device=device),
-            None,
-            sparse,
-        )
-        module.register_buffer("values", torch.empty(d_out, d_in // KEEP, dtype=dtype, device=device))
-        module.register_buffer("index", torch.empty(d_out, d_in // GROUP, dtype=torch.uint8, device=device))
-        return module
+        elif packed is not None:
+            self.register_buffer("values", packed[0])
+            self.register_buffer("index", packed[1])
+        else:
+            raise ValueError("ArmorFactors needs a core or its packed (values, index)")
 
     @property
     def packed(self) -> bool:
@@ -271,20 +259,23 @@ class ArmorLinear(torch.nn.Module):
         device: Any = "meta",
         sparse: bool | None = None,
     ) -> ArmorLinear:
-        """A placeholder of the given shape, its factors packed and uninitialised (:meth:`ArmorFactors.empty`), to
-        be filled by name (``armor.A``, ``armor.B``, ``armor.values``, ``armor.index``, ``bias``) and
-        :meth:`unpack`-ed. ValueError when ``block_size`` does not tile the layer into groups of 4."""
-        _check_shapes(
-            (d_out // max(block_size, 1), block_size, block_size),
-            (d_in // max(block_size, 1), block_size, block_size),
-            d_out,
-            d_in,
-            None,
+        """A placeholder of the given shape, its factors packed and uninitialised (``A``, ``B``, ``values`` in
+        ``dtype``, ``index`` uint8), to be filled by name (``armor.A``, ``armor.B``, ``armor.values``,
+        ``armor.index``, ``bias``) and :meth:`unpack`-ed. ValueError when ``block_size`` does not tile the layer
+        into groups of 4."""
+        b = block_size
+        _check_shapes((d_out // max(b, 1), b, b), (d_in // max(b, 1), b, b), d_out, d_in, None)
+        place = {"dtype": dtype, "device": device}
+        packed = (
+            torch.empty(d_out, d_in // KEEP, **place),
+            torch.empty(d_out, d_in // GROUP, dtype=torch.uint8, device=device),
         )
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module.armor = ArmorFactors.empty(d_out, d_in, block_size, dtype, device, sparse)
-        module.register_buffer("bias", torch.empty(d_out, dtype=dtype, device=device) if bias else None)
+        module.armor = ArmorFactors(
+            torch.empty(d_out // b, b, b, **place), torch.empty(d_in // b, b, b, **place), None, sparse, packed
+        )
+        module.register_buffer("bias", torch.empty(d_out, **place) if bias else None)
         return module
 
     def unpack(self) -> None:
