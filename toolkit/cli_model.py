@@ -101,6 +101,11 @@ def compress(
       torchrun --nproc_per_node 2 -m toolkit compress MODEL_DIR -o OUT --calib-text calib.txt
 
     An interrupted run continues with --resume (same settings), bit for bit as if never stopped.
+
+    At the end it prints, per block, each linear's relative output error on the calibration data and the seconds,
+    and writes armor_errors.png (that error against depth; needs matplotlib) beside armor_report.json. The
+    directory loads with transformers' own calls after `import armor_ref` (see `armor-ref export-dense` for a plain
+    checkpoint).
     """
     from .compress import compress_model
 
@@ -167,7 +172,15 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Evaluate MODEL_DIR (dense or compressed): perplexity (causal LMs) or embedding cosine to the reference
-    and half-passage retrieval accuracy (encoders)."""
+    and half-passage retrieval accuracy (encoders). With --reference the dense model's figures are printed beside
+    the compressed model's.
+
+    Encoders are evaluated on passages: the text's paragraphs (separated by a blank line) of at least 32 words.
+
+    \b
+    Example:
+      armor-ref eval ./minilm-armor --text eval.txt --reference ./all-MiniLM-L6-v2
+    """
     from .evaluate import evaluate_model
 
     result = evaluate_model(
