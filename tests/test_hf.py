@@ -358,14 +358,16 @@ def test_a_config_that_omits_a_stored_module_is_refused(work, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_from_pretrained_on_cuda_float16_uses_semi_structured_cores(work):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        work / "llama-armor", dtype=torch.float16, device_map="cuda"
-    )
+    """Moving a float16 model to the GPU places every core again: semi-structured where the shape allows."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(work / "llama-armor", dtype=torch.float16).to("cuda")
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, ArmorLinear) and q.core.is_cuda
     assert q.sparse == (q.in_features % 64 == 0 and q.out_features % 32 == 0)
-    moved = load_model(str(work / "llama-armor"), device="cuda", dtype="float16")
-    np.testing.assert_allclose(outputs(moved, "llama"), outputs(model, "llama"), rtol=0, atol=1e-2)
+    cpu = load_model(str(work / "llama-armor"))
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor(IDS, device="cuda")).logits.double().cpu().numpy()
+        expected = cpu(input_ids=torch.tensor(IDS)).logits.double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-2)
 
 
 # ----------------------------------------------------------------------------------------------------------
