@@ -339,12 +339,21 @@ def test_save_pretrained_round_trip(work, tmp_path):
     assert again.state_dict().keys() == model.state_dict().keys()
 
 
-def test_a_config_that_omits_a_stored_module_is_refused(work, tmp_path):
+@pytest.fixture(scope="module")
+def saved(work, tmp_path_factory):
+    """A compressed model written by transformers' save_pretrained: ARMOR tensors, no run manifest (so the checks
+    below are the loader's own, not the manifest's hashes)."""
+    d = tmp_path_factory.mktemp("saved") / "bert-saved"
+    load_model(str(work / "bert-armor")).save_pretrained(d)
+    return d
+
+
+def test_a_config_that_omits_a_stored_module_is_refused(saved, tmp_path):
     """If config and tensors disagree, loading fails (it would otherwise leave a random weight)."""
     import shutil
 
     d = tmp_path / "edited"
-    shutil.copytree(work / "bert-armor", d)
+    shutil.copytree(saved, d)
     config = json.loads((d / "config.json").read_text())
     dropped = config["quantization_config"]["modules"].pop(0)
     (d / "config.json").write_text(json.dumps(config))
@@ -476,23 +485,28 @@ def test_export_dense_refuses_bad_targets_and_leaves_nothing(work, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # inspect and reconstruct take a directory
 # ----------------------------------------------------------------------------------------------------------
-def test_inspect_a_directory_reports_blocks_and_the_whole_model(work):
-    result = CliRunner().invoke(cli, ["inspect", str(work / "llama-armor"), "-v"])
+def test_inspect_a_directory_reports_every_core_blocks_and_the_whole_model(work, saved):
+    result = CliRunner().invoke(cli, ["inspect", str(work / "llama-armor")])
     assert result.exit_code == 0, result.output
     text = result.stdout
-    assert "compressed directory" in text and "armor-hessian" in text and "14 factorized linears" in text
+    assert "armor-hessian" in text and "files match the run's manifest" in text
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ")}
+    cores = [r for name, r in rows.items() if name.startswith("model.layers.")]
+    assert len(cores) == 2 * 7 and all(r[2] == "ok" for r in cores)  # the 2:4 check of every core
     # block 0: 7 linears; stored bytes = A + B (float32 16x16 blocks) + values (float32) + index (uint8)
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
     stored = sum(4 * 16 * (o + i) + 4 * o * i // 2 + o * i // 4 for o, i in shapes)
-    assert rows["0"][1:3] == ["7", "7/7"] and int(rows["0"][4]) == stored
-    assert int(rows["0"][5]) == sum(4 * o * i for o, i in shapes)
+    assert rows["0"][1] == "7" and int(rows["0"][2]) == stored
+    assert int(rows["0"][3]) == sum(4 * o * i for o, i in shapes)  # the same linears dense, float32
     whole = next(line.split() for line in text.splitlines() if line.strip().startswith("whole model"))
     on_disk = sum(v.nbytes for f in (work / "llama-armor").glob("*.safetensors") for v in load_file(str(f)).values())
     assert int(whole[2]) == on_disk
     dense_bytes = sum(v.nbytes for f in (work / "llama").glob("*.safetensors") for v in load_file(str(f)).values())
     assert int(whole[3]) == dense_bytes
-    assert "model.layers.1.mlp.down_proj" in text  # -v: every linear
+    result = CliRunner().invoke(cli, ["inspect", str(saved)])  # a save_pretrained directory: no manifest to check
+    assert result.exit_code == 0, result.output
+    saved_rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert "no run manifest" in result.stdout and saved_rows["1"][1] == "6"  # its 2 blocks of 6 linears
 
 
 def test_reconstruct_a_directory_and_a_compress_shard(work, tmp_path):
@@ -507,15 +521,30 @@ def test_reconstruct_a_directory_and_a_compress_shard(work, tmp_path):
     assert "encoder.layer.0.attention.self.query" not in names
 
 
-def test_bad_armor_tensor_files_are_refused(work, tmp_path):
-    """A corrupted index code is an error at load time, not a silently wrong core."""
+def test_from_pretrained_checks_a_compress_run_against_its_manifest(work, tmp_path):
+    """The front door itself (not only load_model) refuses an altered compress run: the manifest's sha256."""
+    import shutil
+
+    d = tmp_path / "altered"
+    shutil.copytree(work / "bert-armor", d)
+    path = d / "model-block-00001.safetensors"
+    tensors = load_file(str(path))
+    tensors["encoder.layer.1.output.dense.armor.values"][0, 0] += 1.0
+    save_file(tensors, str(path), metadata={"format": "armor", "block_size": "16"})
+    with pytest.raises(ArmorError, match="model-block-00001.safetensors differs from what the run wrote"):
+        transformers.AutoModel.from_pretrained(d)
+
+
+def test_bad_armor_tensor_files_are_refused(saved, tmp_path):
+    """A corrupted index code is an error at load time, not a silently wrong core (a compress run's files are
+    caught earlier, by their manifest: tests/test_faults.py)."""
     import shutil
 
     d = tmp_path / "corrupt"
-    shutil.copytree(work / "bert-armor", d)
-    path = d / "model-block-00000.safetensors"
+    shutil.copytree(saved, d)
+    path = d / "model.safetensors"
     tensors = load_file(str(path))
     tensors["encoder.layer.0.attention.self.query.armor.index"][0, 0] = 0xFF
-    save_file(tensors, str(path), metadata={"format": "armor"})
+    save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ArmorError, match="index holds positions"):
         load_model(str(d))

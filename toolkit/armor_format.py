@@ -279,12 +279,14 @@ def block_size_of(metadata: Mapping[str, str], source: object) -> int:
     return b
 
 
-def load_armor(path: str | os.PathLike) -> ArmorFile:
-    """Read and validate an ARMOR file written by :func:`save_armor` (see :func:`armor_layer`); raises
-    :class:`ArmorError` on any problem."""
+def load_armor(path: str | os.PathLike, block_size: int | None = None) -> ArmorFile:
+    """Read and validate an ARMOR file written by :func:`save_armor` or ``compress`` (see :func:`armor_layer`);
+    raises :class:`ArmorError` on any problem. ``block_size``: for a shard of a compressed directory, whose header
+    need not be ARMOR's (a compressed model's ``save_pretrained`` writes transformers' own) because the block size
+    is in the directory's ``config.json``."""
     path = Path(path)
     tensors, metadata = read_safetensors(path)
-    b = block_size_of(metadata, path)
+    b = block_size_of(metadata, path) if block_size is None else block_size
     layers = {name: armor_layer(name, tensors, b, path) for name in armor_stems(tensors)}
     passthrough = {key: array for key, array in tensors.items() if not any(key.endswith(s) for s in ARMOR_SUFFIXES)}
     return ArmorFile(path, metadata, layers, passthrough)

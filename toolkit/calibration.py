@@ -35,6 +35,29 @@ def gram_from_activations(X: np.ndarray, source: str) -> np.ndarray:
         if not np.all(np.isfinite(chunk)):
             raise ArmorError(f"calibration {source} contains NaN or Inf values", "drop or fix those rows")
         H += chunk.T @ chunk
+    return check_gram(H, source)
+
+
+def check_gram(H: np.ndarray, source: str, psd: bool = False) -> np.ndarray:
+    """``H`` if it is a usable Gram matrix ``XᵀX``: finite (no overflow), not all zero (the relative output error
+    and the damped Hessian need ``tr H > 0``), and with ``psd`` positive semi-definite up to rounding (a Cholesky
+    factorisation of ``H + 1e-9 · max(diag H) · I`` exists: a negated or indefinite matrix is no Gram matrix).
+    :class:`ArmorError` naming ``source`` otherwise."""
+    if not np.all(np.isfinite(H)):
+        raise ArmorError(f"calibration {source}: XᵀX overflows to Inf or NaN", "scale the calibration data down")
+    top = float(np.max(np.diag(H), initial=0.0))
+    if top <= 0 and psd and np.any(H):
+        raise ArmorError(f"calibration {source} is not positive semi-definite", "store XᵀX of shape (d_in, d_in)")
+    if top <= 0:
+        raise ArmorError(f"calibration {source} is all zero (XᵀX = 0)", "give activations that are not all zero")
+    if psd:
+        try:
+            np.linalg.cholesky(H + 1e-9 * top * np.eye(len(H)))
+        except np.linalg.LinAlgError:
+            raise ArmorError(
+                f"calibration {source} is not positive semi-definite, so it is not a Gram matrix XᵀX",
+                "store XᵀX of shape (d_in, d_in), or give the activations X instead",
+            ) from None
     return H
 
 
@@ -144,7 +167,7 @@ def load_calibration(
                 raise ArmorError(f"calibration {source} contains NaN or Inf values", "recompute the Gram matrix")
             if not np.allclose(H, H.T, rtol=1e-5, atol=1e-8 * float(np.max(np.abs(H), initial=0.0))):
                 raise ArmorError(f"calibration {source} is not symmetric", "store XᵀX of shape (d_in, d_in)")
-            result[name] = ((H + H.T) / 2, None)
+            result[name] = (check_gram((H + H.T) / 2, source, psd=True), None)
         else:
             if array.ndim != 2:
                 raise ArmorError(

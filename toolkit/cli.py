@@ -9,11 +9,13 @@ so a failed command leaves no output file behind and never touches its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -29,15 +31,14 @@ from armor_ref.factorization import (
     check_shapes,
 )
 from armor_ref.masks import GROUP, has_two_per_group, is_2of4
-from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss, relative_output_error
+from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss
 from backends import BACKENDS, BackendUnavailable, get_factorize
 
 from .armor_format import (
     ARMOR_FORMAT,
     ARMOR_SUFFIXES,
+    ArmorFile,
     ArmorLayer,
-    armor_layer,
-    armor_stems,
     dense_tensor_name,
     load_armor,
     save_armor,
@@ -46,8 +47,9 @@ from .calibration import load_calibration, load_calibrations
 from .cli_model import register_model_commands
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
 from .files import read_safetensors, read_safetensors_header, write_json, write_safetensors
+from .manifest import verify_file, verify_run
 from .models import armor_quantization, read_config, weight_files
-from .report import compare_with_baselines, comparison_table, format_table, layer_metrics
+from .report import compare_with_baselines, comparison_table, format_table, layer_metrics, output_error
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
@@ -65,8 +67,8 @@ sweep budget, sw):
 
 
 class ArmorGroup(click.Group):
-    """A click group that turns every :class:`ArmorError` (and an ``OSError`` from the disk) into one line on stderr
-    and the error's exit code, with no traceback."""
+    """A click group that turns every :class:`ArmorError`, an ``OSError`` from the disk and click's own usage errors
+    (missing or out-of-range options) into one line on stderr and the error's exit code, with no traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -75,6 +77,9 @@ class ArmorGroup(click.Group):
             message, code = str(err), err.exit_code
         except OSError as err:  # unreadable input, unwritable output, full disk, ...
             message, code = f"{os_error_message(err)}; check the path, its permissions and the free space", EXIT_FAILURE
+        except click.ClickException as err:  # usage errors: exit 2, like every input error
+            command = err.ctx.command_path if isinstance(err, click.UsageError) and err.ctx else ctx.command_path
+            message, code = f"{err.format_message().rstrip('.')}; see {command} --help", err.exit_code
         click.echo("error: " + " ".join(message.split()), err=True)
         ctx.exit(code)
 
@@ -112,6 +117,13 @@ def sibling_path(path: Path, suffix: str) -> Path:
     """``model.safetensors`` -> ``model<suffix>`` in the same directory."""
     stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
     return path.with_name(stem + suffix)
+
+
+def finite_non_negative(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Click callback: a finite number ≥ 0 (``nan`` and ``inf`` parse as floats but mean nothing here)."""
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a finite number >= 0", ctx, param)
+    return value
 
 
 def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
@@ -213,6 +225,18 @@ def run_with_progress(factorize_fn: Callable, label: str, budget: int, W: np.nda
     return result
 
 
+@contextlib.contextmanager
+def numerical_failures(name: str) -> Iterator[None]:
+    """Turn a linear-algebra failure inside the block into a one-line error naming tensor ``name``."""
+    try:
+        yield
+    except np.linalg.LinAlgError as err:
+        raise ArmorError(
+            f"tensor {name!r}: the computation failed numerically ({err})",
+            "check the weights and the calibration data for extreme values",
+        ) from None
+
+
 def resolve_factorize(backend: str, device: str) -> Callable:
     """The backend's ``factorize``; an unavailable backend or device is an input error (its own advice kept)."""
     try:
@@ -282,10 +306,16 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     type=float,
     default=DEFAULT_TOL,
     show_default=True,
-    help="Stop when a sweep improves the loss by less than this fraction.",
+    callback=finite_non_negative,
+    help="Stop when a sweep improves the loss by less than this fraction (>= 0).",
 )
 @click.option(
-    "--damping", type=float, default=DEFAULT_DAMPING, show_default=True, help="Hessian damping λ: H + λ·mean(diag H)·I."
+    "--damping",
+    type=float,
+    default=DEFAULT_DAMPING,
+    show_default=True,
+    callback=finite_non_negative,
+    help="Hessian damping λ >= 0: H + λ·mean(diag H)·I.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random group order.")
 @click.option(
@@ -376,22 +406,23 @@ def factorize(
         W = tensors[name].astype(np.float64)
         gram, n_tokens = grams[name]
         held_gram = held_grams[name][0] if held_grams else None
-        base = compare_with_baselines(W, gram, proxy, damping, held_gram)
-        result = run_with_progress(
-            factorize_fn,
-            name,
-            budget,
-            W,
-            gram,
-            proxy=proxy,
-            init=init_name,
-            block_size=block_size,
-            tol=tol,
-            seed=seed,
-            schedule=schedule,
-            damping=damping,
-        )
-        armor = {**layer_metrics(W, result.W_hat(), gram, proxy, damping, held_gram), "seconds": result.seconds}
+        with numerical_failures(name):
+            base = compare_with_baselines(W, gram, proxy, damping, held_gram)
+            result = run_with_progress(
+                factorize_fn,
+                name,
+                budget,
+                W,
+                gram,
+                proxy=proxy,
+                init=init_name,
+                block_size=block_size,
+                tol=tol,
+                seed=seed,
+                schedule=schedule,
+                damping=damping,
+            )
+            armor = {**layer_metrics(W, result.W_hat(), gram, proxy, damping, held_gram), "seconds": result.seconds}
         results[name] = result
         per_tensor[name] = tensor_report(W, n_tokens, base, armor, result)
         click.echo(factorize_table(name, per_tensor[name]) + "\n")
@@ -526,7 +557,12 @@ def prune(weights: Path, calib: tuple[Path, ...], method: str, output: Path | No
         S, _ = run_baseline(method, W, gram)
         pruned[name] = S.astype(tensors[name].dtype)
         rows.append(
-            [name, f"{W.shape[0]}x{W.shape[1]}", nowag_loss(W, S, np.diag(gram)), relative_output_error(W, S, gram)]
+            [
+                name,
+                f"{W.shape[0]}x{W.shape[1]}",
+                nowag_loss(W, S, np.diag(gram)),
+                output_error(W, S, gram, f"output error of {name}"),
+            ]
         )
     click.echo(format_table(["tensor", "shape", "nowag loss", "calib out err"], rows))
     write_safetensors(
@@ -540,24 +576,28 @@ def prune(weights: Path, calib: tuple[Path, ...], method: str, output: Path | No
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("-v", "--verbose", is_flag=True, help="For a directory: one row per factorized linear as well.")
-def inspect(path: Path, verbose: bool) -> None:
-    """Describe a safetensors file or a compressed directory (written by `armor-ref compress`).
+def inspect(path: Path) -> None:
+    """Describe and check a safetensors file, or a compressed directory (written by `armor-ref compress`, or by a
+    compressed model's save_pretrained).
 
-    An ARMOR file: each factorized tensor's shape, the 2:4 check of its core and its size against dense fp16/fp32.
-    A compressed directory: per block, the 2:4 check of every core and the bytes of its linears as stored against
-    the same linears dense (in the dense model's dtype), then the whole model's bytes against the dense model's.
-    Any other file: each tensor's shape, dtype and whether it is 2:4.
+    For an ARMOR file: each factorized tensor's shape, the 2:4 check and its size against dense fp16/fp32; for any
+    other file: each tensor's shape, dtype and whether it is 2:4. For a directory: the same for every factorized
+    tensor of every shard (the 2:4 check of every core), then per block the bytes of its linears as stored against
+    the same linears dense (in the dense model's dtype), and the whole model's against the dense model's. Every
+    tensor must be finite: NaN or Inf is an error naming the tensor, never "ok". A file written by `armor-ref
+    compress` (or its whole directory) is first checked against the run's manifest: the run must be finished and
+    every file must match the sha256 the run recorded.
 
     \b
     Examples:
         armor-ref inspect model.armor.safetensors
-        armor-ref inspect ./minilm-armor
+        armor-ref inspect ./compressed-model            # a compressed directory: verified, then described
     """
     if path.is_dir():
-        inspect_directory(path, verbose)
+        inspect_directory(path)
         return
-    tensors, metadata = read_safetensors(path)
+    verify_file(path)
+    tensors, metadata = read_finite_safetensors(path)
     if metadata.get("format") != ARMOR_FORMAT:
         click.echo(f"{path}: plain safetensors file, {len(tensors)} tensors")
         rows = []
@@ -572,26 +612,23 @@ def inspect(path: Path, verbose: bool) -> None:
         f"{path}: ARMOR file, version {metadata.get('version')}, block size {armor.block_size}, "
         f"proxy {armor.proxy}" + (f" ({extras})" if extras else "")
     )
-    rows, totals = [], np.zeros(4, dtype=np.int64)
-    for name in armor.names:
-        layer = armor.layers[name]
-        d_out, d_in = layer.shape
-        stored = layer.A.nbytes + layer.B.nbytes + layer.values.nbytes + layer.index.nbytes
-        at_fp16 = (layer.A.size + layer.B.size + layer.values.size) * 2 + layer.index.nbytes
-        sizes = np.array([stored, at_fp16, d_out * d_in * 2, d_out * d_in * 4])
-        totals += sizes
-        rows.append([name, f"{d_out}x{d_in}", core_check(layer), *map(int, sizes), float(at_fp16 / (d_out * d_in * 2))])
-    rows.append(["total", "", "", *map(int, totals), float(totals[1] / totals[2]) if totals[2] else 0.0])
-    click.echo(
-        format_table(
-            ["tensor", "shape", "2:4", "armor bytes", "armor@fp16", "dense fp16", "dense fp32", "armor@fp16/fp16"], rows
-        )
-    )
-    passthrough_bytes = sum(a.nbytes for a in armor.passthrough.values())
-    click.echo(
-        f"passthrough: {len(armor.passthrough)} tensors, {passthrough_bytes} bytes "
-        f"(armor bytes: as stored, values float32; armor@fp16: A, B, values in fp16)"
-    )
+    click.echo(armor_table([armor]))
+
+
+def read_finite_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`read_safetensors`, with every floating-point tensor finite (an error names the first that is not)."""
+    tensors, metadata = read_safetensors(path)
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ArmorError(f"{path}: tensor {name!r} holds NaN or Inf values", "the file is damaged; write it again")
+    return tensors, metadata
+
+
+def checked_armor_file(path: Path, block_size: int | None = None) -> ArmorFile:
+    """An ARMOR file with every tensor finite (:func:`read_finite_safetensors`) and every layer valid; ``block_size``
+    for a shard of a compressed directory (see :func:`toolkit.armor_format.load_armor`)."""
+    read_finite_safetensors(path)
+    return load_armor(path, block_size)
 
 
 def core_check(layer: ArmorLayer) -> str:
@@ -600,63 +637,84 @@ def core_check(layer: ArmorLayer) -> str:
     return "ok" if is_2of4(S) and has_two_per_group(mask) else "FAILED"
 
 
+def armor_table(armors: Sequence[ArmorFile]) -> str:
+    """The table `armor-ref inspect` prints for ARMOR files: per factorized tensor, the 2:4 check and its bytes as
+    stored, at fp16, and dense; a total row; a line on the passthrough tensors."""
+    rows, totals = [], np.zeros(4, dtype=np.int64)
+    for armor in armors:
+        for name in armor.names:
+            layer = armor.layers[name]
+            d_out, d_in = layer.shape
+            stored = layer.A.nbytes + layer.B.nbytes + layer.values.nbytes + layer.index.nbytes
+            at_fp16 = (layer.A.size + layer.B.size + layer.values.size) * 2 + layer.index.nbytes
+            sizes = np.array([stored, at_fp16, d_out * d_in * 2, d_out * d_in * 4])
+            totals += sizes
+            rows.append(
+                [name, f"{d_out}x{d_in}", core_check(layer), *map(int, sizes), float(at_fp16 / (d_out * d_in * 2))]
+            )
+    rows.append(["total", "", "", *map(int, totals), float(totals[1] / totals[2]) if totals[2] else 0.0])
+    headers = ["tensor", "shape", "2:4", "armor bytes", "armor@fp16", "dense fp16", "dense fp32", "armor@fp16/fp16"]
+    passthrough = [array for armor in armors for array in armor.passthrough.values()]
+    return (
+        format_table(headers, rows) + f"\npassthrough: {len(passthrough)} tensors, "
+        f"{sum(a.nbytes for a in passthrough)} bytes (armor bytes: as stored, values float32; armor@fp16: A, B, "
+        "values in fp16)"
+    )
+
+
 def block_label(stem: str) -> str:
     """The block a module belongs to: the first numeric part of its name (``model.layers.3.mlp.up_proj`` → 3), or
-    the name itself for a module outside the blocks (``lm_head``)."""
-    return next((part for part in stem.split(".") if part.isdigit()), stem)
+    ``head`` for the one compressed module outside the blocks, the LM head (as in `compress`'s table)."""
+    return next((part for part in stem.split(".") if part.isdigit()), "head")
 
 
-def inspect_directory(directory: Path, verbose: bool) -> None:
-    """`armor-ref inspect DIR`: per block the 2:4 check of every core and bytes against dense, then the whole model."""
-    config = read_config(str(directory))
-    quantization = armor_quantization(config)
-    dense = quantization.get("dense", {})
-    dtype_bytes = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dense.get("dtype", "float32")]
+def inspect_directory(directory: Path) -> None:
+    """`armor-ref inspect DIR`: the run checked against its manifest (a compress run; a save_pretrained directory
+    has none), every core's 2:4 check and bytes (:func:`armor_table`), then :func:`block_table`."""
+    manifest = verify_run(directory)
+    quantization = armor_quantization(read_config(str(directory)))
     files = weight_files(str(directory))
-    blocks: dict[str, list[int]] = {}  # label -> [linears, ok cores, armor bytes, dense bytes]
-    per_tensor, failed = [], []
+    armors = [checked_armor_file(Path(file), int(quantization["block_size"])) for file in files]
+    dense = quantization.get("dense", {})
+    checked = (
+        f"a finished armor-ref compress run; all {len(manifest['outputs'])} files match the run's manifest (sha256)"
+        if manifest
+        else "no run manifest (written by save_pretrained, not by compress): not checked against one"
+    )
+    click.echo(
+        f"{directory}: compressed model, method {quantization.get('method')}, block size {quantization['block_size']}"
+        f"; dense model {dense.get('model_type')}, {dense.get('dtype')}; {checked}"
+    )
+    click.echo(armor_table(armors))
+    click.echo(block_table(files, armors, dense.get("dtype", "float32")))
+
+
+def block_table(files: Sequence[str], armors: Sequence[ArmorFile], dense_dtype: str) -> str:
+    """Per block, the bytes of its factorized linears as stored against the same linears dense in ``dense_dtype``;
+    the linears together; the whole model (every tensor as stored) against the dense model."""
+    dtype_bytes = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dense_dtype]
+    blocks: dict[str, list[int]] = {}  # label -> [linears, armor bytes, dense bytes]
     stored_total = dense_total = 0
-    for file in files:
+    for file, armor in zip(files, armors, strict=True):
         infos, _ = read_safetensors_header(file)
-        tensors, _ = read_safetensors(file)
-        stems = armor_stems(tensors)
-        for stem in stems:
-            layer = armor_layer(stem, tensors, int(quantization["block_size"]), file)
-            d_out, d_in = layer.shape
-            check = core_check(layer)
-            stored = sum(infos[stem + s].end - infos[stem + s].begin for s in ARMOR_SUFFIXES)
-            entry = blocks.setdefault(block_label(stem), [0, 0, 0, 0])
+        for name in armor.names:
+            d_out, d_in = armor.layers[name].shape
+            entry = blocks.setdefault(block_label(name), [0, 0, 0])
             entry[0] += 1
-            entry[1] += check == "ok"
-            entry[2] += stored
-            entry[3] += d_out * d_in * dtype_bytes
-            per_tensor.append([stem, f"{d_out}x{d_in}", check, stored, d_out * d_in * dtype_bytes])
-            failed += [stem] if check != "ok" else []
-        factor_names = {stem + s for stem in stems for s in ARMOR_SUFFIXES}
-        for name, info in infos.items():
-            size = info.end - info.begin
-            stored_total += size
-            dense_total += size if name not in factor_names else 0
-    linears = sum(e[0] for e in blocks.values())
-    dense_total += sum(e[3] for e in blocks.values())
-    click.echo(
-        f"{directory}: compressed directory, ARMOR format {quantization.get('format_version')}, block size "
-        f"{quantization['block_size']}, {quantization.get('method')} (proxy {quantization.get('proxy')}); dense "
-        f"model {dense.get('model_type')}, {dense.get('dtype')}; {linears} factorized linears in {len(files)} file(s)"
+            entry[1] += sum(infos[name + s].end - infos[name + s].begin for s in ARMOR_SUFFIXES)
+            entry[2] += d_out * d_in * dtype_bytes
+        stored_total += sum(info.end - info.begin for info in infos.values())
+        dense_total += sum(infos[name].end - infos[name].begin for name in armor.passthrough)
+    linears = [sum(e[i] for e in blocks.values()) for i in range(3)]
+    dense_total += linears[2]
+    rows = [[label, e[0], e[1], e[2], e[1] / e[2]] for label, e in blocks.items()]
+    rows.append(["linears", *linears, linears[1] / linears[2]])
+    rows.append(["whole model", "", stored_total, dense_total, stored_total / dense_total])
+    return (
+        format_table(["block", "linears", "armor bytes", "dense bytes", "armor/dense"], rows)
+        + f"\n(armor bytes: the A, B, values and index tensors as stored; dense bytes: the same weights in "
+        f"{dense_dtype}; whole model: every tensor, embeddings, norms and biases as stored)"
     )
-    rows = [[label, e[0], f"{e[1]}/{e[0]} ok", e[2], e[3], e[2] / e[3]] for label, e in blocks.items()]
-    totals = [sum(e[i] for e in blocks.values()) for i in range(4)]
-    rows.append(["linears", totals[0], f"{totals[1]}/{totals[0]} ok", totals[2], totals[3], totals[2] / totals[3]])
-    rows.append(["whole model", "", "", stored_total, dense_total, stored_total / dense_total])
-    click.echo(format_table(["block", "linears", "2:4 cores", "armor bytes", "dense bytes", "armor/dense"], rows))
-    if verbose:
-        click.echo(format_table(["linear", "shape", "2:4", "armor bytes", "dense bytes"], per_tensor))
-    click.echo(
-        f"armor bytes: the A, B, values and index tensors as stored; dense bytes: the same linears' weights in "
-        f"{dense.get('dtype')}; whole model: every tensor, embeddings, norms and biases as stored"
-    )
-    if failed:
-        raise ArmorError(f"{len(failed)} core(s) fail the 2:4 check, e.g. {failed[0]}", "write the directory again")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -674,7 +732,8 @@ def reconstruct(path: Path, output: Path | None) -> None:
     """Rebuild dense weights from an ARMOR file or a compressed directory: Ŵ = blockdiag(A) · S · blockdiag(B).
 
     A file: Ŵ in float32 under the dense tensor names (a `compress` shard's module NAME becomes NAME.weight), plus
-    every passthrough tensor, as a plain safetensors file. A directory: the same as `armor-ref export-dense`.
+    every passthrough tensor, as a plain safetensors file; a shard written by `armor-ref compress` is first checked
+    against its run's manifest. A directory: the same as `armor-ref export-dense`.
 
     \b
     Examples:
@@ -686,6 +745,7 @@ def reconstruct(path: Path, output: Path | None) -> None:
         return
     output = output or sibling_path(path, ".dense.safetensors")
     check_output_path(output, [path])
+    verify_file(path)
     armor = load_armor(path)
     dense = {dense_tensor_name(name, armor.metadata): armor.reconstruct(name, np.float32) for name in armor.names}
     write_safetensors(output, {**armor.passthrough, **dense}, {"format": "dense", "source": path.name})
@@ -707,7 +767,8 @@ def export_dense_command(directory: Path, output: Path) -> None:
     Every factorized linear NAME becomes an ordinary NAME.weight = Ŵ in the dense model's own dtype; every other
     tensor is copied. The shards are named and indexed like the dense model's (one model.safetensors when it was
     one file), config.json gets its model type back (no quantization_config), and the tokenizer and
-    sentence-transformers files are copied. Needs torch (for bfloat16), not the armor-ref package, to load.
+    sentence-transformers files are copied. A compress run is first checked against its manifest. Loading the
+    result needs neither this package nor trust_remote_code.
 
     \b
     Example:

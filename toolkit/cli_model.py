@@ -15,6 +15,7 @@ import os
 import click
 
 from .compress import METHODS, CompressSettings
+from .errors import EXIT_CODES_HELP
 from .report import compression_table, format_table
 
 
@@ -32,7 +33,7 @@ def _init_distributed(device: str) -> None:
         dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
 
 
-@click.command("compress")
+@click.command("compress", epilog=EXIT_CODES_HELP)
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option(
     "-o",
@@ -44,8 +45,10 @@ def _init_distributed(device: str) -> None:
 )
 @click.option("--method", type=click.Choice(METHODS), default="armor-hessian", show_default=True)
 @click.option("--calib-text", required=True, type=click.Path(dir_okay=False), help="Calibration text file.")
-@click.option("--nsamples", default=64, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration windows.")
+@click.option(
+    "--seqlen", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per calibration window."
+)
 @click.option(
     "--backend",
     default="numpy",
@@ -59,16 +62,32 @@ def _init_distributed(device: str) -> None:
     help="Where each block runs (forward passes, Gram matrices) and where torch/cupy factorize: cpu, cuda, cuda:1.",
 )
 @click.option("--block-size", default=32, show_default=True, help="ARMOR block size b.")
-@click.option("--sweeps", type=int, default=None, help="BCD sweeps per layer [default: 30 nowag / 20 hessian].")
+@click.option(
+    "--sweeps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="BCD sweeps per layer [default: 30 nowag / 20 hessian].",
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward pass.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Calibration windows per forward pass.",
+)
 @click.option(
     "--lm-head",
     is_flag=True,
     help="Also compress the LM head (causal LMs), calibrated on the final normed hidden states of the compressed "
     "model. Embeddings always stay dense: a lookup has no matmul for 2:4 to speed up.",
 )
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT_DIR from its last finished block.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted run in OUT_DIR from its last finished block (same options and inputs), or check "
+    "a finished one.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(
     model_dir: str,
@@ -100,7 +119,16 @@ def compress(
     Several processes, the linears of each block shared among them:
       torchrun --nproc_per_node 2 -m toolkit compress MODEL_DIR -o OUT --calib-text calib.txt
 
-    An interrupted run continues with --resume (same settings), bit for bit as if never stopped.
+    \b
+    Safe to interrupt, one run per directory:
+      - Everything that can be checked is checked before the first write: files, shapes against --block-size,
+        options, the calibration text. NaN/Inf in weights, activations or results stop the run with one line.
+      - OUT_DIR holds a lock (.armor-lock) while a run writes; a second run on it stops (exit 1). The lock of a
+        killed run is taken over; a lock from another host is not (delete the file once no run is active there).
+      - armor_manifest.json records the settings, the sha256 of every input and of every output file. A run
+        killed at any moment, or stopped by a full disk, continues with --resume (same options) to the same bytes
+        as an uninterrupted run. --resume refuses a directory that is not one of its runs, other settings, and
+        changed inputs. eval, inspect and the loader refuse unfinished or altered outputs.
 
     At the end it prints, per block, each linear's relative output error on the calibration data and the seconds,
     and writes armor_errors.png (that error against depth; needs matplotlib) beside armor_report.json. The
@@ -123,7 +151,9 @@ def compress(
     )
     _init_distributed(device)
     report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
-    if report:
+    if report.get("already_complete"):
+        click.echo(f"{out_dir} already holds this finished run; every file matches its manifest, nothing to do")
+    elif report:
         click.echo("Relative output error ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² of each linear on the calibration data, per block:")
         click.echo(compression_table(report))
         for note in report.get("notes", []):
@@ -136,7 +166,7 @@ def compress(
         )
 
 
-@click.command("eval")
+@click.command("eval", epilog=EXIT_CODES_HELP)
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="Evaluation text.")
 @click.option(

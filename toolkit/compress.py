@@ -1,40 +1,55 @@
-"""Sequential, block-by-block compression of a whole Hugging Face checkpoint (issue 5).
+"""Sequential, block-by-block compression of a whole Hugging Face checkpoint, safe against kills, full disks,
+concurrent runs and bad numbers.
 
-Pipeline (:func:`compress_model`):
+:func:`compress_model` runs these phases, one function each:
 
-1. Tokenise the calibration text into ``nsamples`` windows of ``seqlen`` tokens (deterministic, ``seed``).
-2. Build the model with no block weights in memory (:func:`toolkit.models.load_model_skeleton`), run it up to
-   its first transformer block and keep the block's inputs (hidden states and the keyword arguments the model
-   passes to its blocks: attention mask, rotary position embeddings, ...), moved to ``device``.
-3. For each block, in order: read its weights from the checkpoint shards onto ``device``
-   (:func:`toolkit.models.load_block`). Inside it, for each *group* of linears (:mod:`toolkit.models`, e.g.
-   q/k/v, then o, then the MLP input projections, then the MLP output projection): forward the block's inputs
-   through the block with hooks that accumulate each linear's Gram matrix ``Xᵀ X`` (so a group sees the outputs
-   of the already-compressed groups before it), compress each linear of the group (``factorize`` of the chosen
-   backend, or a 2:4 baseline), and put ``Ŵ`` into the block.
-4. Forward the inputs through the compressed block: its outputs are the next block's inputs.
-5. Write the block's shard (spec §6 layout) atomically, then the hidden states entering the next block, then the
-   progress file: that last write is what makes the block *finished* for ``--resume``. Release the block
-   (:func:`toolkit.models.release_block`): only one block's weights are ever in memory, which is what lets a
-   model larger than the machine's memory be compressed.
+1. **Plan** (:func:`plan_run`): check everything that can be checked before anything is written — the options, the
+   calibration text (UTF-8 text with enough tokens), every shard's header against its file size and the index
+   against the shards, every block tensor present with the shape the config expects, every linear's shape against
+   the block size, every tensor outside the blocks finite, the device and the backend, and the output directory
+   (new, empty, or one of our runs) — and hash every input file. The model is built with no block weights in memory
+   (:func:`toolkit.models.load_model_skeleton`).
+2. **Open the output** (:func:`open_output`): create the directory, take its lock (:mod:`toolkit.lock`), and write a
+   fresh run manifest (:mod:`toolkit.manifest`) — or, with ``--resume``, check the recorded one: same settings, same
+   input hashes, finished files unchanged.
+3. **Calibration stream** (:func:`calibration_stream`): ``nsamples`` windows of ``seqlen`` tokens of the text
+   (seeded offsets), run through the model up to its first block; the block inputs (hidden states and the keyword
+   arguments the model passes to its blocks) form a :class:`CalibrationStream`. A resumed run restores the hidden
+   states entering its first unfinished block from the saved stream.
+4. **Each block** (:func:`compress_block`), in order: read its weights onto ``device`` (finite, or an error naming
+   the tensor); for each *group* of linears (:mod:`toolkit.models`: q/k/v, then o, then the MLP input projections,
+   then the MLP output projection), accumulate each linear's Gram matrix ``Xᵀ X`` over the stream (so a group sees
+   the outputs of the groups already compressed), compress each linear (:func:`compress_group`: ``factorize`` of the
+   chosen backend, or a 2:4 baseline) and put ``Ŵ`` into the block; then forward the stream through the compressed
+   block (its outputs, finite, enter the next block). :meth:`Output.save_block` writes the block's shard, the stream
+   entering the next block, and the manifest, whose write is what makes the block *finished*; the block is released:
+   only one block's weights are ever in memory, which is what lets a model larger than memory be compressed.
+5. **LM head** (``lm_head``): compressed on the final normed hidden states of the compressed model, its own shard; a
+   tied head is untied in the output ``config.json``.
+6. **Finish** (:func:`finish_run`): the rest shard (embeddings, norms, the head unless compressed), the output config
+   and tokenizer files (:func:`write_output_config`), the index, the report (:func:`build_report`), and last the
+   manifest marked complete; then the lock is released.
 
-Embeddings and norms are copied through unchanged, and so is the LM head unless ``lm_head`` is set: then, after
-the last block, the head is compressed on the final normed hidden states (its own shard; a tied head is untied in
-the output ``config.json``). Every method writes the spec §6 layout
-(``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with ``A = B = I``, so every output loads
-the same way and file sizes compare fairly.
+Every method writes the spec §6 layout (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with
+``A = B = I``, so every output loads the same way and file sizes compare fairly.
+
+**What is guaranteed.** Every file is written through :func:`toolkit.files.atomic_write`, every step after a finished
+block is deterministic, and the manifest records only what is durably on disk. So a run killed at any moment, or
+stopped by a full disk at any write, continues with ``resume=True`` to output files identical, byte for byte, to an
+uninterrupted run's (the report's timings aside); until the final manifest is written, ``eval``, ``inspect`` and the
+loader refuse the directory. A second run on the same directory stops with a one-line error while the first holds the
+lock; a lock whose owner died is taken over. NaN or Inf in weights, activations, Gram matrices, factors or metrics
+stop the run with an error naming the tensor.
 
 Several processes (``torchrun``): every rank runs the same forward passes; the linears of a group are dealt out
 round-robin (linear ``j`` of the group to rank ``j mod world_size``), the owner broadcasts its result, and rank 0
-writes the files. Results are identical to a single-process run.
+takes the lock, writes the files and tells the others what is finished. Results equal a single process's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -44,18 +59,41 @@ from typing import Any
 import numpy as np
 
 from armor_ref.baselines import BASELINES, run_baseline
-from armor_ref.factorization import reconstruct
-from armor_ref.objectives import hessian_loss, nowag_loss, relative_output_error
+from armor_ref.factorization import check_shapes, reconstruct
+from armor_ref.objectives import hessian_loss, nowag_loss
 
 from .armor_format import armor_metadata, armor_tensors
+from .calibration import check_gram
 from .errors import ArmorError
-from .files import atomic_write, write_json, write_safetensors
-from .models import (
+from .files import (
+    TEMPORARY_NAME,
+    copy_file,
+    file_sha256,
+    read_safetensors,
+    read_safetensors_header,
+    read_text,
+    remove_path,
+    remove_temporary_files,
+    write_json,
+    write_safetensors,
+)
+from .lock import LOCK_FILE, RunLock, acquire_lock
+from .manifest import (
+    MANIFEST_FILE,
     WEIGHTS_INDEX,
+    hash_files,
+    mismatched_files,
+    new_manifest,
+    read_manifest,
+    verify_run,
+    write_manifest,
+)
+from .models import (
     Layout,
     blocks_of,
     checkpoint_name,
-    copy_tokenizer_and_config,
+    checkpoint_shapes,
+    companion_files,
     get_submodule,
     layout_of,
     load_block,
@@ -68,13 +106,12 @@ from .models import (
     release_block,
     require_device,
     require_torch,
-    tensor_locations,
+    weight_files,
 )
-from .report import machine_info, write_error_plot
+from .report import finite, machine_info, output_error, write_error_plot
 
 METHODS = ("armor-nowag", "armor-hessian", "sparsegpt", "wanda", "nowag-p", "magnitude")
 PROGRESS_DIR = ".armor-progress"
-STATE_FILE = "state.json"
 REPORT_FILE = "armor_report.json"
 REST_SHARD = "model-rest.safetensors"
 HEAD_SHARD = "model-lm-head.safetensors"
@@ -82,6 +119,11 @@ HEAD_SHARD = "model-lm-head.safetensors"
 
 def block_shard_name(i: int) -> str:
     return f"model-block-{i:05d}.safetensors"
+
+
+def stream_file_name(i: int) -> str:
+    """The saved calibration stream entering block ``i`` (``i`` = the number of blocks: the LM head's input)."""
+    return f"{PROGRESS_DIR}/stream-{i:05d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -120,52 +162,74 @@ class LinearResult:
         return reconstruct(self.A, self.S, self.B)
 
 
+def require_finite(values: Any, what: str) -> None:
+    """:class:`ArmorError` naming ``what`` when a NumPy array or a torch tensor holds NaN or Inf."""
+    ok = bool(values.isfinite().all()) if hasattr(values, "isfinite") else bool(np.all(np.isfinite(values)))
+    if not ok:
+        raise ArmorError(f"{what} holds NaN or Inf values", "check the model's weights and the calibration text")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One linear
 # ----------------------------------------------------------------------------------------------------------
 def compress_linear(
-    W: np.ndarray, gram: np.ndarray, settings: CompressSettings, factorize: Callable | None = None
+    W: np.ndarray,
+    gram: np.ndarray,
+    settings: CompressSettings,
+    factorize: Callable | None = None,
+    name: str = "the layer",
 ) -> LinearResult:
     """Compress one weight ``W`` (d_out, d_in) given its calibration Gram matrix ``Xᵀ X``.
 
     ``armor-*`` methods call ``factorize`` (the backend's, spec signature); baselines keep ``A = B = I``.
     The report holds the proxy losses (the method's own objective, of the start and of the result), the
-    relative output error ``‖(W − Ŵ)Xᵀ‖² / ‖W Xᵀ‖²`` on the calibration data, and the seconds spent.
+    relative output error ``‖(W − Ŵ)Xᵀ‖² / ‖W Xᵀ‖²`` on the calibration data, and the seconds spent. A numerical
+    failure, non-finite factors or a non-finite (or undefined) metric is an :class:`ArmorError` naming ``name``.
     """
     W = np.asarray(W, dtype=np.float64)
     t0 = time.perf_counter()
     b = settings.block_size
-    if settings.method.startswith("armor-"):
-        if factorize is None:
-            from backends import get_factorize
+    try:
+        if settings.method.startswith("armor-"):
+            if factorize is None:
+                from backends import get_factorize
 
-            factorize = get_factorize(settings.backend, settings.device)
-        proxy = settings.method.removeprefix("armor-")
-        res = factorize(W, gram, proxy=proxy, block_size=b, sweeps=settings.sweeps, seed=settings.seed)
-        out = LinearResult(np.asarray(res.A), np.asarray(res.B), np.asarray(res.S), np.asarray(res.M), proxy)
-        report = {
-            "init": res.init,
-            "baseline_loss": float(res.baseline_loss),
-            "loss": float(res.loss),
-            "sweeps": int(res.sweeps),
-        }
-    else:
-        S, M = run_baseline(settings.method, W, gram)
-        d_out, d_in = W.shape
-        eye = np.eye(b)
-        out = LinearResult(np.tile(eye, (d_out // b, 1, 1)), np.tile(eye, (d_in // b, 1, 1)), S, M, "none")
-        # the objectives ARMOR would start from, for comparison across methods
-        report = {"nowag_loss": nowag_loss(W, S, np.diag(gram)), "hessian_loss": hessian_loss(W, S, gram)}
+                factorize = get_factorize(settings.backend, settings.device)
+            proxy = settings.method.removeprefix("armor-")
+            res = factorize(W, gram, proxy=proxy, block_size=b, sweeps=settings.sweeps, seed=settings.seed)
+            out = LinearResult(np.asarray(res.A), np.asarray(res.B), np.asarray(res.S), np.asarray(res.M), proxy)
+            report = {
+                "init": res.init,
+                "baseline_loss": float(res.baseline_loss),
+                "loss": float(res.loss),
+                "sweeps": int(res.sweeps),
+            }
+        else:
+            S, M = run_baseline(settings.method, W, gram)
+            d_out, d_in = W.shape
+            eye = np.eye(b)
+            out = LinearResult(np.tile(eye, (d_out // b, 1, 1)), np.tile(eye, (d_in // b, 1, 1)), S, M, "none")
+            # the objectives ARMOR would start from, for comparison across methods
+            report = {"nowag_loss": nowag_loss(W, S, np.diag(gram)), "hessian_loss": hessian_loss(W, S, gram)}
+    except np.linalg.LinAlgError as err:
+        raise ArmorError(
+            f"{name}: {settings.method} failed numerically ({err})",
+            "check the layer's weights and calibration data for NaN/Inf or extreme values",
+        ) from None
     seconds = time.perf_counter() - t0
-    W_hat = out.W_hat()
-    report["relative_output_error"] = relative_output_error(W, W_hat, gram)
+    for part in ("A", "B", "S"):
+        require_finite(getattr(out, part), f"{name}: the {settings.method} result's {part}")
+    for key in ("baseline_loss", "loss", "nowag_loss", "hessian_loss"):
+        if key in report:
+            finite(report[key], f"{key.replace('_', ' ')} of {name}")
+    report["relative_output_error"] = output_error(W, out.W_hat(), gram, f"relative output error of {name}")
     report["seconds"] = seconds
     out.report = report
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Calibration data
+# Calibration data: windows of the text, and the stream of block inputs
 # ----------------------------------------------------------------------------------------------------------
 def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
     """``nsamples`` token windows (nsamples, seqlen) of the tokenised text at random (seeded) offsets.
@@ -177,9 +241,11 @@ def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, s
     wrap = cls_id is not None and sep_id is not None
     body = seqlen - 2 if wrap else seqlen
     if body <= 0:
-        raise ArmorError(f"seqlen {seqlen} is too short")
+        raise ArmorError(f"seqlen {seqlen} is too short", "use --seqlen 3 or more")
     if len(ids) < body + 1:
-        raise ArmorError(f"the calibration text has {len(ids)} tokens; need at least {body + 1}")
+        raise ArmorError(
+            f"the calibration text has {len(ids)} tokens; need at least {body + 1}", "give a longer text or --seqlen"
+        )
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - body + 1, size=nsamples)
     ids = np.asarray(ids, dtype=np.int64)
@@ -187,6 +253,41 @@ def calibration_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, s
     if wrap:
         windows = np.concatenate([np.full((nsamples, 1), cls_id), windows, np.full((nsamples, 1), sep_id)], axis=1)
     return windows
+
+
+@dataclass
+class CalibrationStream:
+    """The calibration data entering the next block, per batch of windows: the hidden states (batch, seqlen, hidden)
+    and the keyword arguments the model passes to its blocks (attention mask, rotary position embeddings, ...; the
+    same for every block). Only the hidden states change from block to block, so only they are saved for
+    ``--resume``. A second stream (e.g. the original model's block inputs beside the compressed model's) is a second
+    list of hidden states here, saved and restored by :meth:`tensors` and :meth:`restore` under its own prefix."""
+
+    hidden: list[Any]
+    kwargs: list[dict]
+
+    def batches(self) -> list[tuple[Any, dict]]:
+        return list(zip(self.hidden, self.kwargs, strict=True))
+
+    def advance(self, block: Any, what: str) -> None:
+        """Replace the hidden states by ``block``'s outputs (finite, or an error naming ``what``)."""
+        torch = require_torch()
+        with torch.no_grad():
+            self.hidden = [run_block(block, h, kw).detach().clone() for h, kw in self.batches()]
+        for j, h in enumerate(self.hidden):
+            require_finite(h, f"{what} (calibration batch {j})")
+
+    def tensors(self) -> dict[str, Any]:
+        """What is saved for ``--resume``: ``hidden.NNNNN`` per batch."""
+        return {f"hidden.{j:05d}": h.detach().cpu() for j, h in enumerate(self.hidden)}
+
+    def restore(self, tensors: dict[str, np.ndarray], device: str, source: str) -> None:
+        """Put saved hidden states (:meth:`tensors`) back, on ``device``."""
+        torch = require_torch()
+        expected = self.tensors()
+        if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in expected.items()}:
+            raise ArmorError(f"{source} does not fit this run's calibration batches", "start again in a new directory")
+        self.hidden = [torch.from_numpy(tensors[name]).to(device) for name in sorted(expected)]
 
 
 class _StopForward(Exception):
@@ -286,26 +387,14 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
                     pass
                 if len(seen) != len(linears):
                     missing = sorted(set(linears) - set(seen))
-                    raise ArmorError(f"linear(s) {', '.join(missing)} were not called by the block's forward")
+                    raise ArmorError(
+                        f"linear(s) {', '.join(missing)} were not called by the block's forward",
+                        "this architecture's layout in toolkit/models.py does not fit the model",
+                    )
     finally:
         for h in handles:
             h.remove()
     return {name: g.cpu().numpy() for name, g in grams.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------
-def shard_metadata(settings: CompressSettings, proxy: str) -> dict[str, str]:
-    """Header metadata of every output shard: spec §6's keys plus the method and its sweep budget."""
-    sweeps = "default" if settings.sweeps is None else str(settings.sweeps)
-    return armor_metadata(settings.block_size, proxy, {"method": settings.method, "sweeps": sweeps})
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` through :func:`toolkit.files.atomic_write`."""
-    torch = require_torch()
-    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,9 +423,27 @@ def share_result(result: LinearResult | None, owner: int, world: int) -> LinearR
     return box[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The pipeline
-# ----------------------------------------------------------------------------------------------------------
+def on_rank0(step: Callable[[], Any], rank: int, world: int) -> Any:
+    """Run ``step`` on rank 0 only and hand its result — or its :class:`ArmorError` — to every rank."""
+    outcome: tuple[Any, ArmorError | None] = (None, None)
+    if rank == 0:
+        try:
+            outcome = (step(), None)
+        except ArmorError as err:
+            if world == 1:
+                raise
+            outcome = (None, err)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
 def _progress(total: int, desc: str, position: int, disable: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -351,45 +458,570 @@ def _progress(total: int, desc: str, position: int, disable: bool) -> Any:
     )
 
 
-def validate_inputs(
-    model_dir: str, out_dir: str, calib_text: str, settings: CompressSettings, resume: bool
-) -> tuple[dict, Layout]:
-    """Check everything that can be checked before any output is written; raise one-line errors."""
+# ----------------------------------------------------------------------------------------------------------
+# Phase 1: plan and check, before anything is written
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A planned run: inputs, settings and the model skeleton, all checked by :func:`plan_run` before anything is
+    written."""
+
+    model_dir: str
+    out_dir: str
+    settings: CompressSettings
+    config: dict[str, Any]
+    layout: Layout
+    model: Any  # the skeleton: no block weights in memory
+    locations: dict[str, str]  # checkpoint tensor name -> file
+    windows: np.ndarray  # calibration token windows (nsamples, seqlen)
+    inputs: dict[str, Any]  # the manifest's "inputs": paths and sha256 of every file read
+    block_names: list[set[str]]  # checkpoint tensors of each block
+    rest_names: list[str]  # checkpoint tensors copied to the rest shard
+    factorize: Callable | None
+    device: str
+    rank: int
+    world: int
+
+    @property
+    def blocks(self) -> Any:
+        return blocks_of(self.model, self.layout)
+
+    def prefix(self, i: int) -> str:
+        return module_names(self.model)[id(self.blocks[i])]
+
+
+def check_settings(settings: CompressSettings) -> None:
+    """Options in range (the command line checks most of them already; the Python API arrives here)."""
+    if settings.method not in METHODS:
+        raise ArmorError(f"unknown method {settings.method!r}", f"choose one of {', '.join(METHODS)}")
+    for name in ("nsamples", "seqlen", "batch_size"):
+        if getattr(settings, name) <= 0:
+            raise ArmorError(f"--{name.replace('_', '-')} must be positive", "give a positive number")
+    if settings.sweeps is not None and settings.sweeps < 0:
+        raise ArmorError("--sweeps must not be negative", "give 0 or more, or leave it out for the default")
+    if settings.block_size <= 0 or settings.block_size % 4:
+        raise ArmorError(f"block size {settings.block_size} must be a positive multiple of 4", "e.g. --block-size 32")
+
+
+def is_empty_output(out_dir: str) -> bool:
+    """True for a directory that is absent or holds nothing but what a run killed before its first manifest leaves:
+    its lock file and the manifest's temporary file."""
+    if not os.path.isdir(out_dir):
+        return True
+    manifest_temporary = f".{MANIFEST_FILE}."
+    return all(
+        name == LOCK_FILE or (TEMPORARY_NAME.match(name) and name.startswith(manifest_temporary))
+        for name in os.listdir(out_dir)
+    )
+
+
+def check_output_directory(model_dir: str, out_dir: str, resume: bool) -> None:
+    """The output directory is new, empty, or (with ``resume``) one of our runs; compress never writes into a
+    directory it did not create."""
+    if os.path.realpath(model_dir) == os.path.realpath(out_dir):
+        raise ArmorError("the output directory must differ from the model directory", "choose another -o directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ArmorError(f"{out_dir!r} exists and is not a directory", "choose another -o directory")
+    if is_empty_output(out_dir):
+        return
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise ArmorError(
+            f"output directory {out_dir!r} is not empty and holds no armor-ref run",
+            "choose a new or empty directory (compress never writes into a directory it did not create)",
+        )
+    if not resume:
+        state = "a finished" if manifest["complete"] else "an unfinished"
+        raise ArmorError(
+            f"output directory {out_dir!r} is not empty: it holds {state} armor-ref run",
+            "pass --resume to continue (or check) it, or choose another directory",
+        )
+
+
+def check_model_tensors(model: Any, blocks: Any, locations: dict[str, str], layout: Layout, block_size: int) -> None:
+    """Every block parameter is in the checkpoint with the shape the config gives it, and every linear to compress
+    splits into blocks of ``block_size`` — so nothing fails half-way for a reason that was known at the start."""
+    shapes = checkpoint_shapes(locations)
+    names = module_names(model)
+    for block in blocks:
+        prefix = names[id(block)]
+        for local, param in block.named_parameters():
+            ck = checkpoint_name(f"{prefix}.{local}", locations)
+            if ck is None:
+                raise ArmorError(
+                    f"the checkpoint lacks {prefix}.{local}",
+                    "restore the missing tensor or shard (and its index entry)",
+                )
+            if shapes[ck] != tuple(param.shape):
+                raise ArmorError(
+                    f"{ck} has shape {shapes[ck]}, the config expects {tuple(param.shape)}",
+                    "use the config.json saved with these weights",
+                )
+        for rel in layout.linears:
+            d_out, d_in = get_submodule(block, rel).weight.shape
+            try:
+                check_shapes(d_out, d_in, block_size)
+            except ValueError as err:
+                raise ArmorError(
+                    f"{prefix}.{rel} ({d_out}x{d_in}): {err}",
+                    "choose a --block-size (a multiple of 4) that divides every linear's dimensions",
+                ) from None
+
+
+def check_lm_head(config: dict[str, Any], layout: Layout, block_size: int) -> None:
+    """``--lm-head`` needs a causal LM whose head splits into blocks of ``block_size``."""
+    if layout.final_norm is None:
+        raise ArmorError(
+            f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress", "leave out --lm-head"
+        )
+    vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
+    if vocab % block_size or hidden % block_size:
+        raise ArmorError(
+            f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {block_size}",
+            "leave the head dense or choose another --block-size",
+        )
+
+
+def block_tensor_names(model: Any, block: Any, locations: dict[str, str]) -> set[str]:
+    """Checkpoint tensor names that belong to ``block`` (parameters and persistent buffers)."""
+    prefix = module_names(model)[id(block)]
+    out = set()
+    for local, _ in list(block.named_parameters()) + list(block.named_buffers()):
+        ck = checkpoint_name(f"{prefix}.{local}", locations)
+        if ck is not None:
+            out.add(ck)
+    return out
+
+
+def input_record(model_dir: str, calib_text: str) -> dict[str, Any]:
+    """The manifest's ``inputs``: where the model and the calibration text are, and the sha256 of every file read
+    (weights, index, config, tokenizer files, calibration text)."""
+    names = {os.path.relpath(path, model_dir) for path in weight_files(model_dir)} | set(companion_files(model_dir))
+    if os.path.isfile(os.path.join(model_dir, WEIGHTS_INDEX)):
+        names.add(WEIGHTS_INDEX)
+    return {
+        "model_dir": os.path.abspath(model_dir),
+        "model_files": hash_files(model_dir, names),
+        "calibration_text": os.path.abspath(calib_text),
+        "calibration_sha256": file_sha256(calib_text),
+    }
+
+
+def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSettings, resume: bool) -> Run:
+    """Check everything that can be checked before any output is written; build the skeleton and the calibration
+    windows; hash the inputs. Raises one-line :class:`ArmorError` s."""
+    check_settings(settings)
     config = read_config(model_dir)
     layout = layout_of(config)
-    tensor_locations(model_dir)  # weights present and readable
-    if settings.method not in METHODS:
-        raise ArmorError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
-    if not os.path.isfile(calib_text):
-        raise ArmorError(f"calibration text {calib_text!r} does not exist")
-    if settings.nsamples <= 0 or settings.seqlen <= 0:
-        raise ArmorError("--nsamples and --seqlen must be positive")
-    if settings.block_size <= 0 or settings.block_size % 4:
-        raise ArmorError(f"block size {settings.block_size} must be a positive multiple of 4")
-    if os.path.abspath(model_dir) == os.path.abspath(out_dir):
-        raise ArmorError("the output directory must differ from the model directory")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ArmorError(f"{out_dir!r} exists and is not a directory")
-    if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ArmorError(f"output directory {out_dir!r} is not empty; pass --resume to continue it")
+    text = read_text(calib_text, "calibration text")
+    check_output_directory(model_dir, out_dir, resume)
     require_device(settings.device)
     if settings.lm_head:
-        if layout.final_norm is None:
-            raise ArmorError(f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress")
-        vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
-        if vocab % settings.block_size or hidden % settings.block_size:
-            raise ArmorError(
-                f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {settings.block_size}; "
-                "leave the head dense or choose another --block-size"
-            )
+        check_lm_head(config, layout, settings.block_size)
+    factorize = None
     if settings.method.startswith("armor-"):
         from backends import BackendUnavailable, get_factorize
 
         try:
-            get_factorize(settings.backend, settings.device)
+            factorize = get_factorize(settings.backend, settings.device)
         except BackendUnavailable as exc:
             raise ArmorError(str(exc)) from None
-    return config, layout
+    model, layout, locations = load_model_skeleton(model_dir)  # every shard header checked against its file
+    blocks = blocks_of(model, layout)
+    check_model_tensors(model, blocks, locations, layout, settings.block_size)
+    block_names = [block_tensor_names(model, block, locations) for block in blocks]
+    compressed_head = set()
+    if settings.lm_head:
+        head_name = module_names(model)[id(model.get_output_embeddings())]
+        compressed_head = {checkpoint_name(f"{head_name}.weight", locations)} - {None}
+    rest_names = sorted(set(locations).difference(*block_names, compressed_head))
+    for name in sorted(set(locations).difference(*block_names)):  # block tensors: as their block is read
+        require_finite(read_checkpoint_tensor(locations, name), f"checkpoint tensor {name}")
+    windows = calibration_windows(load_tokenizer(model_dir), text, settings.nsamples, settings.seqlen, settings.seed)
+    rank, world = dist_rank_world()
+    return Run(
+        model_dir=model_dir,
+        out_dir=out_dir,
+        settings=settings,
+        config=config,
+        layout=layout,
+        model=model,
+        locations=locations,
+        windows=windows,
+        inputs=input_record(model_dir, calib_text),
+        block_names=block_names,
+        rest_names=rest_names,
+        factorize=factorize,
+        device=forward_device(settings, world),
+        rank=rank,
+        world=world,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 2: the output directory, its lock and its manifest
+# ----------------------------------------------------------------------------------------------------------
+def shard_metadata(settings: CompressSettings) -> dict[str, str]:
+    """Header metadata of every output shard: spec §6's keys plus the method and its sweep budget."""
+    sweeps = "default" if settings.sweeps is None else str(settings.sweeps)
+    proxy = settings.method.removeprefix("armor-") if settings.method.startswith("armor-") else "none"
+    return armor_metadata(settings.block_size, proxy, {"method": settings.method, "sweeps": sweeps})
+
+
+def check_resumable(run: Run, manifest: dict[str, Any], resume: bool) -> None:
+    """A recorded run may be continued only with ``resume``, the same settings and the same inputs, and only from
+    files that still hold what it wrote."""
+    out = run.out_dir
+    if not resume:
+        raise ArmorError(f"output directory {out!r} is not empty", "pass --resume to continue it, or choose another")
+    old, new = manifest["settings"], run.settings.identity()
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        raise ArmorError(
+            f"cannot resume {out!r}: settings differ from the interrupted run ({'; '.join(diffs)})",
+            "resume with the run's own settings, or write to another directory",
+        )
+    recorded, current = manifest["inputs"], run.inputs
+    old_files, new_files = recorded.get("model_files", {}), current["model_files"]
+    changed = [k for k in sorted(set(old_files) | set(new_files)) if old_files.get(k) != new_files.get(k)]
+    if recorded.get("calibration_sha256") != current["calibration_sha256"]:
+        changed.append("the calibration text")
+    if changed:
+        raise ArmorError(
+            f"cannot resume {out!r}: its inputs changed since the run started ({', '.join(changed)})",
+            "restore the original model and calibration text, or start again in another directory",
+        )
+    if manifest["complete"]:
+        verify_run(out)
+        return
+    files = dict(manifest["outputs"])
+    stream = manifest["progress"].get("stream")
+    if stream:
+        files[stream["file"]] = stream["sha256"]
+    bad = mismatched_files(out, files)
+    if bad:
+        raise ArmorError(
+            f"cannot resume {out!r}: {bad[0]} is missing or differs from what the run wrote",
+            "start again in another directory",
+        )
+
+
+def open_output(run: Run, resume: bool) -> tuple[dict[str, Any], RunLock]:
+    """Create the output directory, take its lock, and return the run's manifest: a fresh one (written), or the
+    recorded one, checked by :func:`check_resumable`. Leftovers of a kill (temporary files) are removed."""
+    os.makedirs(run.out_dir, exist_ok=True)
+    lock = acquire_lock(run.out_dir)
+    try:
+        manifest = read_manifest(run.out_dir)
+        if manifest is None:
+            check_output_directory(run.model_dir, run.out_dir, resume)  # again, under the lock
+            manifest = new_manifest(run.settings.identity(), run.inputs)
+            manifest["progress"] = {
+                "finished_blocks": 0,
+                "head_done": False,
+                "stream": None,
+                "layers": [],
+                "blocks": [],
+            }
+            write_manifest(run.out_dir, manifest)
+        else:
+            check_resumable(run, manifest, resume)
+        for directory in (run.out_dir, os.path.join(run.out_dir, PROGRESS_DIR)):
+            remove_temporary_files(directory)
+        return manifest, lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+class Output:
+    """The output directory of a run, held under its lock: the manifest (what is finished) and the files it lists.
+    Every write goes through here; only rank 0 writes, but every rank knows the manifest."""
+
+    def __init__(self, run: Run, manifest: dict[str, Any]) -> None:
+        self.run, self.manifest = run, manifest
+        self.writer = run.rank == 0
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return self.manifest["progress"]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run.out_dir, name)
+
+    def write_shard(self, name: str, tensors: dict[str, Any]) -> None:
+        """Write an output shard (every tensor finite, or an error naming it) and record its sha256."""
+        for tensor_name, tensor in tensors.items():
+            require_finite(tensor, f"{tensor_name} (for {name})")
+        write_safetensors(self.path(name), tensors, shard_metadata(self.run.settings))
+        self.record(name)
+
+    def record(self, name: str) -> None:
+        self.manifest["outputs"][name] = file_sha256(self.path(name))
+
+    def commit(self) -> None:
+        """Write the manifest: what it records is now finished."""
+        write_manifest(self.run.out_dir, self.manifest)
+
+    def save_stream(self, i: int, stream: CalibrationStream | None) -> str | None:
+        """Save the stream entering block ``i`` (``None``: nothing comes after); return the stream it replaces."""
+        old = self.progress["stream"]
+        if stream is None:
+            self.progress["stream"] = None
+        else:
+            name = stream_file_name(i)
+            os.makedirs(self.path(PROGRESS_DIR), exist_ok=True)
+            write_safetensors(self.path(name), stream.tensors(), {"format": "armor-calibration-stream"})
+            self.progress["stream"] = {"file": name, "sha256": file_sha256(self.path(name))}
+        return old["file"] if old else None
+
+    def save_block(self, i: int, tensors: dict, layers: list[dict], timing: dict, stream: CalibrationStream) -> None:
+        """Block ``i`` is done; the stream entering the next block is kept when anything comes after."""
+        more = i + 1 < len(self.run.block_names) or self.run.settings.lm_head
+        self.save_step(
+            block_shard_name(i), tensors, layers, timing, i + 1, stream if more else None, finished_blocks=i + 1
+        )
+
+    def save_head(self, tensors: dict, layers: list[dict], timing: dict) -> None:
+        """The LM head is done; nothing comes after it."""
+        self.save_step(HEAD_SHARD, tensors, layers, timing, len(self.run.block_names), None, head_done=True)
+
+    def save_step(
+        self,
+        shard: str,
+        tensors: dict,
+        layers: list[dict],
+        timing: dict,
+        next_step: int,
+        stream: CalibrationStream | None,
+        **progress: Any,
+    ) -> None:
+        """A step is done: its shard, the stream entering the next step (if any), then the manifest — the write that
+        makes the step finished — and last the removal of the stream it replaces (rank 0 only)."""
+        if not self.writer:
+            return
+        self.write_shard(shard, tensors)
+        old = self.save_stream(next_step, stream)
+        self.progress.update(progress)
+        self.progress["layers"] += layers
+        self.progress["blocks"].append(timing)
+        self.commit()
+        if old:
+            remove_path(self.path(old))
+
+    def complete(self) -> None:
+        """The last write of a run: the manifest, marked complete, listing every output file's sha256."""
+        remove_path(self.path(PROGRESS_DIR))
+        del self.manifest["progress"]
+        self.manifest["complete"] = True
+        self.commit()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phases 3-5: the calibration stream, the blocks, the LM head
+# ----------------------------------------------------------------------------------------------------------
+def calibration_stream(run: Run, output: Output) -> CalibrationStream:
+    """The block inputs of the calibration windows: captured in front of the first block (cheap: embeddings only),
+    with the hidden states replaced by the saved ones when the run resumes after its first block."""
+    captured = capture_block_inputs(
+        run.model, run.blocks, run.windows, run.settings.batch_size, run.layout.kind == "causal"
+    )
+    captured = to_device(captured, run.device)
+    stream = CalibrationStream([h for h, _ in captured], [kw for _, kw in captured])
+    for j, h in enumerate(stream.hidden):
+        require_finite(h, f"the inputs of the first block (embeddings of calibration batch {j})")
+    saved = output.progress["stream"]
+    if saved:
+        stream.restore(read_safetensors(output.path(saved["file"]))[0], run.device, output.path(saved["file"]))
+    return stream
+
+
+def compress_group(run: Run, prefix: str, linears: dict[str, Any], grams: dict[str, np.ndarray]) -> dict:
+    """Compress the linears of one group (their Gram matrices given), each on its owner rank, and put each ``Ŵ``
+    into the block."""
+    torch = require_torch()
+    results: dict[str, LinearResult] = {}
+    for j, (rel, linear) in enumerate(linears.items()):
+        owner = j % run.world
+        mine = None
+        if owner == run.rank:
+            W = linear.weight.detach().cpu().to(torch.float64).numpy()
+            gram = check_gram(grams[rel], f"inputs of {prefix}.{rel}")
+            mine = compress_linear(W, gram, run.settings, run.factorize, f"{prefix}.{rel}")
+        result = share_result(mine, owner, run.world)
+        linear.weight.data.copy_(torch.from_numpy(result.W_hat()))
+        results[rel] = result
+    return results
+
+
+def compress_block(run: Run, i: int, stream: CalibrationStream, bar: Any) -> dict[str, LinearResult]:
+    """Compress block ``i``: read its weights, then group by group Gram matrices → compress → replace; finally
+    forward the stream through the compressed block (the next block's inputs)."""
+    block, prefix = run.blocks[i], run.prefix(i)
+    load_block(run.model, block, run.locations, run.device)
+    for local, param in block.named_parameters():
+        require_finite(param, f"checkpoint tensor {prefix}.{local}")
+    results: dict[str, LinearResult] = {}
+    for group in run.layout.groups:
+        linears = {rel: get_submodule(block, rel) for rel in group}
+        grams = accumulate_grams(block, linears, stream.batches())
+        results.update(compress_group(run, prefix, linears, grams))
+        bar.set_postfix_str(f"{group[-1]} rel.err {results[group[-1]].report['relative_output_error']:.4f}")
+        bar.update(len(group))
+    stream.advance(block, f"the outputs of {prefix}")
+    return results
+
+
+def block_tensors(run: Run, i: int, results: dict[str, LinearResult]) -> dict[str, Any]:
+    """The tensors of block ``i``'s shard: spec §6 tensors for each compressed linear (under the checkpoint's own
+    name stem), everything else of the block copied from the checkpoint."""
+    prefix = run.prefix(i)
+    tensors: dict[str, Any] = {}
+    compressed = set()
+    for rel, result in results.items():
+        ck = checkpoint_name(f"{prefix}.{rel}.weight", run.locations)
+        assert ck is not None  # plan_run checked every block parameter
+        compressed.add(ck)
+        tensors.update(armor_tensors(ck.removesuffix(".weight"), result))
+    for ck in sorted(run.block_names[i] - compressed):
+        tensors[ck] = read_checkpoint_tensor(run.locations, ck)
+    return tensors
+
+
+def compress_blocks(run: Run, output: Output, on_block_done: Callable[[int], None] | None, show: bool) -> None:
+    """Every unfinished block in order, then the LM head when asked (phases 3 to 5)."""
+    start = output.progress["finished_blocks"]
+    n_blocks = len(run.block_names)
+    head_pending = run.settings.lm_head and not output.progress["head_done"]
+    if start == n_blocks and not head_pending:
+        return
+    stream = calibration_stream(run, output)
+    bar_blocks = _progress(n_blocks, "blocks", 0, not (show and output.writer))
+    bar_blocks.update(start)
+    for i in range(start, n_blocks):
+        t_block, cpu_block = time.perf_counter(), time.process_time()
+        bar = _progress(len(run.layout.linears), f"block {i}", 1, not (show and output.writer))
+        results = compress_block(run, i, stream, bar)
+        bar.close()
+        prefix = run.prefix(i)
+        reports = [
+            {"block": i, "name": f"{prefix}.{rel}", "shape": list(r.S.shape), **r.report} for rel, r in results.items()
+        ]
+        timing = {"block": i, "seconds": time.perf_counter() - t_block, "cpu_seconds": time.process_time() - cpu_block}
+        output.save_block(i, block_tensors(run, i, results), reports, timing, stream)
+        release_block(run.blocks[i])
+        bar_blocks.update(1)
+        if run.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if on_block_done is not None:
+            on_block_done(i)
+    bar_blocks.close()
+    if head_pending:
+        compress_lm_head(run, output, stream)
+
+
+def compress_lm_head(run: Run, output: Output, stream: CalibrationStream) -> None:
+    """``--lm-head``: compress the LM head on the final normed hidden states of the compressed model (rank 0) and
+    save it to its own shard."""
+    torch = require_torch()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    head, name = load_lm_head(run.model, run.locations, run.device)
+    norm = get_submodule(run.model, run.layout.final_norm).to(run.device)
+    gram: Any = 0
+    with torch.no_grad():
+        for hidden in stream.hidden:
+            x = norm(hidden).reshape(-1, hidden.shape[-1]).to(torch.float64)
+            gram = gram + x.T @ x
+    mine = None
+    if run.rank == 0:
+        W = head.weight.detach().cpu().to(torch.float64).numpy()
+        mine = compress_linear(
+            W, check_gram(gram.cpu().numpy(), f"inputs of {name}"), run.settings, run.factorize, name
+        )
+    result = share_result(mine, 0, run.world)
+    head.to("meta")
+    stem = (checkpoint_name(f"{name}.weight", run.locations) or f"{name}.weight").removesuffix(".weight")
+    report = {"block": None, "name": name, "shape": list(result.S.shape), **result.report}
+    timing = {"block": "lm_head", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
+    output.save_head(armor_tensors(stem, result), [report], timing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 6: finish
+# ----------------------------------------------------------------------------------------------------------
+def write_output_config(run: Run) -> list[str]:
+    """The output's ``config.json`` (a compressed tied LM head untied) and the tokenizer and sentence-transformers
+    files, copied next to the weights; returns their names (relative to the output directory)."""
+    names = companion_files(run.model_dir)
+    for name in names:
+        target = os.path.join(run.out_dir, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if name == "config.json" and run.settings.lm_head and run.config.get("tie_word_embeddings"):
+            write_json(target, {**run.config, "tie_word_embeddings": False})
+        else:
+            copy_file(os.path.join(run.model_dir, name), target)
+    return names
+
+
+def write_index(run: Run) -> None:
+    """``model.safetensors.index.json``: tensor name -> shard, with the ARMOR metadata."""
+    head = [HEAD_SHARD] if run.settings.lm_head else []
+    weight_map, total = {}, 0
+    for shard in [block_shard_name(i) for i in range(len(run.block_names))] + head + [REST_SHARD]:
+        path = os.path.join(run.out_dir, shard)
+        total += os.path.getsize(path)
+        weight_map.update({name: shard for name in read_safetensors_header(path)[0]})
+    index = {
+        "metadata": {**shard_metadata(run.settings), "total_size": total},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    write_json(os.path.join(run.out_dir, WEIGHTS_INDEX), index)
+
+
+def build_report(run: Run, output: Output, t_start: float) -> dict[str, Any]:
+    """``armor_report.json``: settings, inputs, per-layer metrics and per-block timings, the machine."""
+    progress = output.progress
+    return {
+        "model_dir": os.path.abspath(run.model_dir),
+        "settings": output.manifest["settings"],
+        "inputs": output.manifest["inputs"],
+        "architecture": run.config.get("model_type"),
+        "world_size": run.world,
+        "blocks": progress["blocks"],
+        "layers": progress["layers"],
+        "linears": len(progress["layers"]),
+        "seconds_total_this_run": time.perf_counter() - t_start,
+        "seconds_blocks": sum(b["seconds"] for b in progress["blocks"]),
+        "cpu_seconds_blocks": sum(b["cpu_seconds"] for b in progress["blocks"]),
+        "machine": machine_info(),
+    }
+
+
+def finish_run(run: Run, output: Output, t_start: float) -> dict[str, Any]:
+    """Everything after the last block, each step repeatable with the same bytes: the rest shard, the output config,
+    the index, the report, and the manifest marked complete (the run's last write). Returns the report."""
+    from .hf import write_armor_config  # imports transformers: only once a run gets here
+
+    if not output.writer:
+        return {}
+    output.write_shard(REST_SHARD, {name: read_checkpoint_tensor(run.locations, name) for name in run.rest_names})
+    for name in write_output_config(run):
+        output.record(name)
+    write_index(run)
+    output.record(WEIGHTS_INDEX)
+    proxy = shard_metadata(run.settings)["proxy"]
+    for name in write_armor_config(run.model_dir, run.out_dir, run.settings.block_size, run.settings.method, proxy):
+        output.record(name)  # config.json made loadable by from_pretrained, and modeling_armor.py (toolkit.hf)
+    report = build_report(run, output, t_start)
+    report.update(write_error_plot(run.out_dir, report))  # armor_errors.png beside the report (toolkit.report)
+    if "error_plot" in report:
+        output.record(report["error_plot"])
+    write_json(output.path(REPORT_FILE), report)
+    output.record(REPORT_FILE)
+    output.complete()
+    return report
 
 
 def compress_model(
@@ -404,261 +1036,34 @@ def compress_model(
     """Compress every block linear of ``model_dir`` into ``out_dir``; return the report (also written to
     ``out_dir/armor_report.json``).
 
-    ``resume``: continue from the last finished block recorded in ``out_dir`` (same settings required); the result
-    is bitwise identical to an uninterrupted run. ``on_block_done(i)`` is called after block ``i`` is durably
-    saved (tests use it to interrupt a run).
+    ``resume``: continue the run recorded in ``out_dir`` (same settings and inputs required) from its last finished
+    block; the output files are bitwise identical to an uninterrupted run's. A finished run is checked and its
+    report returned, with ``"already_complete": True``. ``on_block_done(i)`` is called after block ``i`` is durably
+    saved (tests use it to interrupt a run). See the module docstring for the phases and what is guaranteed after a
+    kill or a full disk.
     """
-    _, layout = validate_inputs(model_dir, out_dir, calib_text, settings, resume)
-    torch = require_torch()
-    rank, world = dist_rank_world()
-    writer = rank == 0
     t_start = time.perf_counter()
+    run = plan_run(model_dir, out_dir, calib_text, settings, resume)
+    locks: list[RunLock] = []
 
-    with open(calib_text, encoding="utf-8", errors="replace") as fh:
-        text = fh.read()
-    identity = {
-        **settings.identity(),
-        "calib_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "model_dir": os.path.abspath(model_dir),
-    }
-    progress_dir = os.path.join(out_dir, PROGRESS_DIR)
-    state_path = os.path.join(progress_dir, STATE_FILE)
-    state: dict[str, Any] = {"settings": identity, "finished_blocks": 0, "layers": [], "blocks": []}
-    if resume and os.path.isfile(os.path.join(out_dir, WEIGHTS_INDEX)) and not os.path.isdir(progress_dir):
-        with open(os.path.join(out_dir, REPORT_FILE), encoding="utf-8") as fh:
-            return json.load(fh)  # already complete: nothing to do
-    if resume and os.path.isfile(state_path):
-        with open(state_path, encoding="utf-8") as fh:
-            state = json.load(fh)
-        if state["settings"] != identity:
-            changed = sorted(k for k in identity if state["settings"].get(k) != identity[k])
-            raise ArmorError(f"cannot resume: settings differ from the interrupted run ({', '.join(changed)})")
+    def open_on_rank0() -> dict[str, Any]:
+        manifest, lock = open_output(run, resume)
+        locks.append(lock)
+        return manifest
 
-    model, layout, locations = load_model_skeleton(model_dir)
-    device = forward_device(settings, world)
-    tokenizer = load_tokenizer(model_dir)
-    windows = calibration_windows(tokenizer, text, settings.nsamples, settings.seqlen, settings.seed)
-    blocks = blocks_of(model, layout)
-    names = module_names(model)
-    factorize = None
-    if settings.method.startswith("armor-"):
-        from backends import get_factorize
-
-        factorize = get_factorize(settings.backend, settings.device)
-
-    if writer:
-        os.makedirs(progress_dir, exist_ok=True)
-        if state["finished_blocks"] == 0:
-            copy_tokenizer_and_config(model_dir, out_dir)
-
-    # inputs of the first block still to do: captured (cheap: embeddings only), or the saved hidden states
-    batches = capture_block_inputs(model, blocks, windows, settings.batch_size, layout.kind == "causal")
-    batches = to_device(batches, device)
-    start_block = state["finished_blocks"]
-    if start_block > 0:
-        saved = torch.load(
-            os.path.join(progress_dir, f"hidden-{start_block:05d}.pt"), weights_only=True, map_location=device
-        )
-        batches = [(h, kw) for h, (_, kw) in zip(saved, batches, strict=True)]
-
-    written: set[str] = set()
-    for i in range(start_block):  # tensors already in finished shards
-        written.update(_names_in_block(model, blocks[i], names, locations, layout))
-
-    n_linears = len(layout.linears)
-    bar_blocks = _progress(len(blocks), "blocks", 0, not (progress and writer))
-    bar_blocks.update(start_block)
-    for i in range(start_block, len(blocks)):
-        block = blocks[i]
-        block_prefix = names[id(block)]
-        t_block, cpu_block = time.perf_counter(), time.process_time()
-        load_block(model, block, locations, device)
-        bar_layers = _progress(n_linears, f"block {i}", 1, not (progress and writer))
-        results: dict[str, LinearResult] = {}
-        for group in layout.groups:
-            linears = {rel: get_submodule(block, rel) for rel in group}
-            grams = accumulate_grams(block, linears, batches)
-            for j, rel in enumerate(group):
-                owner = j % world
-                mine = None
-                if owner == rank:
-                    W = linears[rel].weight.detach().cpu().to(torch.float64).numpy()
-                    mine = compress_linear(W, grams[rel], settings, factorize)
-                result = share_result(mine, owner, world)
-                linears[rel].weight.data.copy_(torch.from_numpy(result.W_hat()))
-                results[rel] = result
-                bar_layers.set_postfix_str(f"{rel} rel.err {result.report['relative_output_error']:.4f}")
-                bar_layers.update(1)
-        bar_layers.close()
-        with torch.no_grad():
-            batches = [(run_block(block, h, kw).detach().clone(), kw) for h, kw in batches]
-
-        layer_reports = []
-        for rel, result in results.items():
-            layer_reports.append(
-                {"block": i, "name": f"{block_prefix}.{rel}", "shape": list(result.S.shape), **result.report}
-            )
-        if writer:
-            shard = _block_tensors(model, block, names, locations, layout, results, block_prefix)
-            write_safetensors(
-                os.path.join(out_dir, block_shard_name(i)), shard, shard_metadata(settings, _proxy_of(settings))
-            )
-            if i + 1 < len(blocks) or settings.lm_head:
-                atomic_torch_save([h.cpu() for h, _ in batches], os.path.join(progress_dir, f"hidden-{i + 1:05d}.pt"))
-            state["finished_blocks"] = i + 1
-            state["layers"].extend(layer_reports)
-            state["blocks"].append(
-                {"block": i, "seconds": time.perf_counter() - t_block, "cpu_seconds": time.process_time() - cpu_block}
-            )
-            write_json(state_path, state)
-            old = os.path.join(progress_dir, f"hidden-{i:05d}.pt")
-            if os.path.exists(old):
-                os.remove(old)
-        written.update(_names_in_block(model, block, names, locations, layout))
-        release_block(block)
-        bar_blocks.update(1)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        if on_block_done is not None:
-            on_block_done(i)
-    bar_blocks.close()
-    if settings.lm_head:
-        written.add(_compress_lm_head(model, layout, locations, device, batches, settings, factorize, out_dir, state))
-
-    report: dict[str, Any] = {}
-    if writer:
-        rest = {name: read_checkpoint_tensor(locations, name) for name in sorted(locations) if name not in written}
-        write_safetensors(os.path.join(out_dir, REST_SHARD), rest, shard_metadata(settings, _proxy_of(settings)))
-        report = {
-            "model_dir": os.path.abspath(model_dir),
-            "settings": identity,
-            "architecture": read_config(model_dir).get("model_type"),
-            "world_size": world,
-            "blocks": state["blocks"],
-            "layers": state["layers"],
-            "linears": len(state["layers"]),
-            "seconds_total_this_run": time.perf_counter() - t_start,
-            "seconds_blocks": sum(b["seconds"] for b in state["blocks"]),
-            "cpu_seconds_blocks": sum(b["cpu_seconds"] for b in state["blocks"]),
-            "machine": machine_info(),
-        }
-        _write_index(out_dir, len(blocks), settings)
-        from .hf import write_armor_config  # transformers' view of the directory (toolkit.hf)
-
-        write_armor_config(model_dir, out_dir, settings.block_size, settings.method, _proxy_of(settings))
-        report.update(write_error_plot(out_dir, report))  # armor_errors.png beside the report (toolkit.report)
-        write_json(os.path.join(out_dir, REPORT_FILE), report)
-        shutil.rmtree(progress_dir, ignore_errors=True)
-    return report
+    manifest = on_rank0(open_on_rank0, run.rank, run.world)
+    try:
+        output = Output(run, manifest)
+        if manifest["complete"]:
+            if not output.writer:
+                return {}
+            with open(output.path(REPORT_FILE), encoding="utf-8") as fh:
+                return {**json.load(fh), "already_complete": True}
+        compress_blocks(run, output, on_block_done, progress)
+        return finish_run(run, output, t_start)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
-def _compress_lm_head(
-    model: Any,
-    layout: Layout,
-    locations: dict[str, str],
-    device: str,
-    batches: list[tuple[Any, dict]],
-    settings: CompressSettings,
-    factorize: Callable | None,
-    out_dir: str,
-    state: dict[str, Any],
-) -> str:
-    """``--lm-head``: compress the LM head on the final normed hidden states of the compressed model, write it
-    to its own shard (rank 0) and untie it in the output ``config.json``. Returns the checkpoint name of the
-    head's weight (not copied to the rest shard)."""
-    torch = require_torch()
-    rank, world = dist_rank_world()
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    head, name = load_lm_head(model, locations, device)
-    norm = get_submodule(model, layout.final_norm).to(device)
-    gram: Any = 0
-    with torch.no_grad():
-        for hidden, _ in batches:
-            x = norm(hidden).reshape(-1, hidden.shape[-1]).to(torch.float64)
-            gram = gram + x.T @ x
-    mine = None
-    if rank == 0:
-        W = head.weight.detach().cpu().to(torch.float64).numpy()
-        mine = compress_linear(W, gram.cpu().numpy(), settings, factorize)
-    result = share_result(mine, 0, world)
-    stem = (checkpoint_name(f"{name}.weight", locations) or f"{name}.weight").removesuffix(".weight")
-    if rank == 0:
-        metadata = shard_metadata(settings, _proxy_of(settings))
-        write_safetensors(os.path.join(out_dir, HEAD_SHARD), armor_tensors(stem, result), metadata)
-        config_path = os.path.join(out_dir, "config.json")
-        with open(config_path, encoding="utf-8") as fh:
-            config = json.load(fh)
-        if config.get("tie_word_embeddings"):
-            write_json(config_path, {**config, "tie_word_embeddings": False})
-        state["layers"].append({"block": None, "name": name, "shape": list(result.S.shape), **result.report})
-        state["blocks"].append(
-            {"block": "lm_head", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
-        )
-    head.to("meta")
-    return f"{stem}.weight"
-
-
-def _proxy_of(settings: CompressSettings) -> str:
-    return settings.method.removeprefix("armor-") if settings.method.startswith("armor-") else "none"
-
-
-def _names_in_block(
-    model: Any, block: Any, names: dict[int, str], locations: dict[str, str], layout: Layout
-) -> set[str]:
-    """Checkpoint tensor names that belong to ``block`` (parameters and persistent buffers)."""
-    prefix = names[id(block)]
-    out = set()
-    for local, _ in list(block.named_parameters()) + list(block.named_buffers()):
-        ck = checkpoint_name(f"{prefix}.{local}", locations)
-        if ck is not None:
-            out.add(ck)
-    return out
-
-
-def _block_tensors(
-    model: Any,
-    block: Any,
-    names: dict[int, str],
-    locations: dict[str, str],
-    layout: Layout,
-    results: dict[str, LinearResult],
-    prefix: str,
-) -> dict[str, Any]:
-    """The tensors of one block's shard: spec §6 tensors for each compressed linear (under the checkpoint's own
-    name stem), everything else copied from the checkpoint."""
-    tensors: dict[str, Any] = {}
-    compressed_weights = set()
-    for rel, result in results.items():
-        ck = checkpoint_name(f"{prefix}.{rel}.weight", locations)
-        if ck is None:
-            raise ArmorError(f"cannot find {prefix}.{rel}.weight in the checkpoint")
-        compressed_weights.add(ck)
-        tensors.update(armor_tensors(ck.removesuffix(".weight"), result))
-    for ck in sorted(_names_in_block(model, block, names, locations, layout) - compressed_weights):
-        tensors[ck] = read_checkpoint_tensor(locations, ck)
-    return tensors
-
-
-def _write_index(out_dir: str, n_blocks: int, settings: CompressSettings) -> None:
-    """``model.safetensors.index.json``: tensor name -> shard, with the ARMOR metadata."""
-    from safetensors import safe_open
-
-    weight_map = {}
-    total = 0
-    head = [HEAD_SHARD] if settings.lm_head else []
-    for shard in [block_shard_name(i) for i in range(n_blocks)] + head + [REST_SHARD]:
-        path = os.path.join(out_dir, shard)
-        total += os.path.getsize(path)
-        with safe_open(path, framework="pt") as fh:
-            for name in fh.keys():
-                weight_map[name] = shard
-    index = {
-        "metadata": {**shard_metadata(settings, _proxy_of(settings)), "total_size": total},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    write_json(os.path.join(out_dir, WEIGHTS_INDEX), index)
-
-
-__all__ = ["BASELINES", "METHODS", "CompressSettings", "ArmorError", "compress_linear", "compress_model"]
+__all__ = ["BASELINES", "METHODS", "MANIFEST_FILE", "CompressSettings", "ArmorError", "compress_model"]

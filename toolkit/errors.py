@@ -37,6 +37,10 @@ class ArmorError(Exception):
         self.fix = fix
         self.exit_code = exit_code
 
+    def __reduce__(self) -> tuple:
+        """Pickle with problem, fix and exit code (``torchrun`` ranks hand errors to each other)."""
+        return (type(self), (self.problem, self.fix), {"exit_code": self.exit_code})
+
 
 def os_error_message(err: OSError) -> str:
     """One line for an ``OSError``: its reason and the file(s) it names, never ``(None)``."""

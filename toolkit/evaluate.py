@@ -18,15 +18,9 @@ from typing import Any
 import numpy as np
 
 from .errors import ArmorError
+from .files import read_text
 from .models import dense_model_type, layout_of, load_model, load_tokenizer, read_config, require_torch
-
-
-def read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise ArmorError(f"text file {path!r} does not exist")
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return fh.read()
-
+from .report import finite
 
 MIN_PASSAGE_WORDS = 32
 
@@ -78,7 +72,10 @@ def sentence_embeddings(
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
             mask = mask.unsqueeze(-1).double()
             out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    embeddings = np.concatenate(out) if out else np.zeros((0, 0))
+    if not np.all(np.isfinite(embeddings)):  # retrieval would still give a finite, meaningless accuracy
+        raise ArmorError("the model's sentence embeddings hold NaN or Inf values", "check the model's weights")
+    return embeddings
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
@@ -136,12 +133,12 @@ def perplexity(
     the tokens no earlier window scored. Returns ``{"perplexity", "tokens", "nll"}``."""
     torch = require_torch()
     if not 0 < stride <= max_length:
-        raise ArmorError("need 0 < stride <= max_length")
+        raise ArmorError("need 0 < stride <= max_length", "choose --stride and --max-length accordingly")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise ArmorError("the text has fewer than 2 tokens")
+        raise ArmorError("the text has fewer than 2 tokens", "give a longer text")
     nll_sum, counted, prev_end = 0.0, 0, 0
     with torch.no_grad():
         for begin in range(0, len(ids), stride):
@@ -158,7 +155,7 @@ def perplexity(
             if end == len(ids):
                 break
     nll = nll_sum / counted
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": counted}
+    return {"perplexity": math.exp(nll) if nll < 709 else math.inf, "nll": nll, "tokens": counted}
 
 
 def evaluate_model(
@@ -177,13 +174,18 @@ def evaluate_model(
     ``device`` in ``dtype`` (on CUDA in float16/bfloat16 the 2:4 cores use the semi-structured sparse kernels).
 
     ``reference_cache``: a dict kept by the caller across calls; the reference model's passage embeddings are
-    stored there and reused (encoders), so evaluating several compressed models runs the reference once."""
+    stored there and reused (encoders), so evaluating several compressed models runs the reference once.
+
+    A compressed directory is evaluated only when it holds a finished run whose files match the run's manifest
+    (:func:`toolkit.manifest.verify_run`, called by the loader); a metric that is NaN or Inf is an error."""
     config = read_config(model_dir)
-    text = read_text(text_file)
+    text = read_text(text_file, "text file")
     if reference_dir is not None:
         ref_config = read_config(reference_dir)
         if dense_model_type(ref_config) != dense_model_type(config):
-            raise ArmorError("the reference model has a different architecture")
+            raise ArmorError(
+                "the reference model has a different architecture", "give the dense model the compressed one came from"
+            )
     layout = layout_of(config)
     model = load_model(model_dir, device, dtype)
     tokenizer = load_tokenizer(model_dir)
@@ -211,6 +213,9 @@ def evaluate_model(
             result["reference_perplexity"] = perplexity(reference, tokenizer, text, max_length, stride, max_tokens)[
                 "perplexity"
             ]
+    for key, value in result.items():  # a model whose outputs hold NaN/Inf has no perplexity: an error, never "nan"
+        if isinstance(value, float):
+            finite(value, f"{key.replace('_', ' ')} of {model_dir if 'reference' not in key else reference_dir}")
     return result
 
 

@@ -22,12 +22,13 @@ import numpy as np
 
 from .armor_format import armor_layer, armor_stems, dense_tensor_name
 from .errors import ArmorError
-from .files import read_safetensors_header, write_json, write_safetensors
+from .files import copy_file, read_safetensors_header, write_json, write_safetensors
+from .manifest import verify_run
 from .models import (
     WEIGHTS_FILE,
     WEIGHTS_INDEX,
     armor_quantization,
-    copy_tokenizer_and_config,
+    companion_files,
     read_checkpoint_tensor,
     read_config,
     require_torch,
@@ -72,6 +73,7 @@ def export_dense(armor_dir: str, out_dir: str) -> dict[str, Any]:
     """Write the dense checkpoint of the ARMOR directory ``armor_dir`` to ``out_dir`` (which must not exist or be
     empty); return a summary (``files``, ``reconstructed``, ``copied``, ``dtype``)."""
     torch = require_torch()
+    verify_run(armor_dir)  # a compress run: finished and unaltered (a save_pretrained directory has no manifest)
     config = read_config(armor_dir)
     dense = armor_quantization(config)["dense"]
     block_size = armor_quantization(config)["block_size"]
@@ -100,7 +102,9 @@ def export_dense(armor_dir: str, out_dir: str) -> dict[str, Any]:
     work = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.{uuid.uuid4().hex[:8]}.tmp")
     os.mkdir(work)  # the usual permissions (mkdtemp's are private)
     try:
-        copy_tokenizer_and_config(armor_dir, work)
+        for name in companion_files(armor_dir):  # config.json (rewritten below), tokenizer, sentence-transformers
+            os.makedirs(os.path.dirname(os.path.join(work, name)), exist_ok=True)
+            copy_file(os.path.join(armor_dir, name), os.path.join(work, name))
         by_dense_name = {dense_tensor_name(s): s for s in stems}
         for file, names in shards.items():
             tensors = {}

@@ -3,7 +3,14 @@
 Every file the toolkit writes goes through :func:`atomic_write`: the bytes go to a temporary file in the same
 directory, are flushed to the disk (``fsync``), and only then renamed over the target (``os.replace``, atomic on
 POSIX), and the directory entry is synced too. A crash, a kill or a full disk therefore leaves either the old file
-or the new one, never a half-written file that a later step could trust.
+or the new one, never a half-written file that a later step could trust (at worst a temporary ``.NAME.XXXXXXXX.tmp``
+file that a kill left behind, which :func:`remove_temporary_files` clears). A failed write is an
+:class:`~toolkit.errors.ArmorError` with exit code 1 naming the file.
+
+Fault injection (tests only): every durable step — filling a temporary file, renaming it over its target, removing
+a file — first calls :func:`fault_point`, which calls ``FAULTS.hook`` when one is set. ``tests/test_faults.py`` sets
+it to raise ``ENOSPC`` or to record the disk at that moment; ``ARMOR_FAULT_INJECTION=kill:N`` (or ``enospc:N``) in
+the environment makes the N-th step (counted from 1) end the process with ``os._exit(137)`` (or raise ``ENOSPC``).
 
 Safetensors layout (https://github.com/huggingface/safetensors), which :func:`read_safetensors_header` parses itself
 so that it can decode bfloat16 (NumPy has no such type) and tell a truncated file from one that is not safetensors::
@@ -19,9 +26,12 @@ tensor (a shard is never assembled in memory), from NumPy arrays or torch tensor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Mapping
@@ -31,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArmorError
+from .errors import EXIT_FAILURE, ArmorError, os_error_message
 
 # safetensors dtype name -> NumPy dtype of the stored bytes (BF16 is decoded to float32 after reading)
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -66,8 +76,51 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Fault injection (tests only)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class FaultInjection:
+    """``hook(stage, path)`` is called before every durable step (``stage`` is ``"write"``, ``"rename"`` or
+    ``"remove"``); ``steps`` counts the steps taken so far in this process."""
+
+    hook: Callable[[str, Path], None] | None = None
+    steps: int = 0
+
+
+def _hook_from_environment(spec: str) -> Callable[[str, Path], None] | None:
+    """``kill:N``: end the process (``os._exit(137)``, like SIGKILL: no cleanup) before the N-th step;
+    ``enospc:N``: raise ``ENOSPC`` at the N-th step."""
+    mode, _, count = spec.partition(":")
+    if mode not in ("kill", "enospc") or not count.isdigit():
+        return None
+    target = int(count)
+
+    def hook(stage: str, path: Path) -> None:
+        if FAULTS.steps != target:
+            return
+        if mode == "kill":
+            os._exit(137)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return hook
+
+
+FAULTS = FaultInjection(_hook_from_environment(os.environ.get("ARMOR_FAULT_INJECTION", "")))
+
+
+def fault_point(stage: str, path: str | os.PathLike) -> None:
+    """Count one durable step and let the test hook (if any) fail it; a no-op in normal runs."""
+    FAULTS.steps += 1
+    if FAULTS.hook is not None:
+        FAULTS.hook(stage, Path(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------------------
+TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -87,34 +140,99 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def write_failed(path: str | os.PathLike, err: OSError) -> ArmorError:
+    """The one-line error (exit 1) for a write that the system refused: disk full, permissions, ..."""
+    return ArmorError(
+        f"cannot write {path} ({os_error_message(err)})",
+        "free disk space or fix the permissions, then run the command again",
+        exit_code=EXIT_FAILURE,
+    )
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write ``path`` atomically: ``write(fh)`` fills an open temporary file in the same directory, which is then
     flushed, synced and renamed over ``path``. On any failure the temporary file is removed and ``path`` is left as
-    it was. Raises :class:`ArmorError` when the directory does not exist; ``OSError`` (disk full, permissions) as
-    raised."""
+    it was. Raises :class:`ArmorError` when the directory does not exist, and (exit code 1) when the system refuses
+    the write (disk full, permissions)."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ArmorError(f"output directory {directory} does not exist", "create it or choose another output path")
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise write_failed(path, err) from None
     tmp = Path(tmp_name)
     try:
+        fault_point("write", path)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes the file private (0600); use the usual mode
+        fault_point("rename", path)
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_failed(path, err) from None
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_directory(directory)
 
 
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the bytes of ``source`` to ``target`` atomically."""
+    with open(source, "rb") as src:
+        atomic_write(target, lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file or a directory tree (nothing when it is absent); a durable step for fault injection."""
+    path = Path(path)
+    if not path.exists():
+        return
+    fault_point("remove", path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def remove_temporary_files(directory: str | os.PathLike) -> list[str]:
+    """Remove the temporary files a killed :func:`atomic_write` left in ``directory``; return their names."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and TEMPORARY_NAME.match(p.name))
+    for name in names:
+        (directory / name).unlink()
+    return names
+
+
 def write_json(path: str | os.PathLike, data: object) -> None:
     """``data`` as indented JSON with sorted keys, written atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The contents of a UTF-8 text file; :class:`ArmorError` naming ``what`` when it is missing, empty, or not
+    text (invalid UTF-8, NUL bytes: a binary file given by mistake)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArmorError(f"{what} {path} does not exist", "check the path")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ArmorError(
+            f"{what} {path} is not UTF-8 text (invalid byte at offset {err.start})", "give a plain text file"
+        ) from None
+    if "\x00" in text:
+        raise ArmorError(f"{what} {path} holds NUL bytes: a binary file, not text", "give a plain text file")
+    if not text.strip():
+        raise ArmorError(f"{what} {path} is empty", "give a text file with enough words")
+    return text
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ everywhere at dense cost.
 
 Import order. ``import armor_ref`` imports this module when transformers is (or gets) imported, possibly while a
 module of the project is half-way through importing ``armor_ref``: so at module level this imports, from the
-project, only modules that never import ``armor_ref`` (``errors``, ``files``, ``models``); the format
+project, only modules that never import ``armor_ref`` (``errors``, ``files``, ``manifest``, ``models``); the format
 (``armor_format``) and ``ArmorLinear`` are imported where they are used.
 """
 
@@ -52,6 +52,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ArmorError
 from .files import atomic_write, write_json
+from .manifest import verify_run
 from .models import (
     ARMOR_MODEL_TYPE_PREFIX,
     LAYOUTS,
@@ -191,10 +192,11 @@ def write_remote_code(directory: str, base_type: str) -> None:
     atomic_write(os.path.join(directory, REMOTE_CODE_FILE), lambda fh: fh.write(text), binary=False)
 
 
-def write_armor_config(model_dir: str, out_dir: str, block_size: int, method: str, proxy: str) -> None:
+def write_armor_config(model_dir: str, out_dir: str, block_size: int, method: str, proxy: str) -> list[str]:
     """Finish a compressed directory for transformers: turn the dense ``config.json`` copied into ``out_dir`` into
     an ARMOR one (:func:`armor_config`; the modules are the ARMOR stems of ``out_dir``'s index, the dense facts are
-    read from the source ``model_dir``) and write :data:`REMOTE_CODE_FILE` beside it. Safe to repeat."""
+    read from the source ``model_dir``) and write :data:`REMOTE_CODE_FILE` beside it. Safe to repeat, to the same
+    bytes. Returns the names written."""
     path = os.path.join(out_dir, "config.json")
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
@@ -211,6 +213,7 @@ def write_armor_config(model_dir: str, out_dir: str, block_size: int, method: st
     config = armor_config(config, quantization_config(modules, block_size, method, proxy, dense))
     write_json(path, config)
     write_remote_code(out_dir, dense_model_type(config))
+    return ["config.json", REMOTE_CODE_FILE]
 
 
 def _stored_dtype(locations: dict[str, str], modules: list[str]) -> str:
@@ -287,6 +290,8 @@ class ArmorHfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         stems = set(config.modules)
+        if checkpoint_files:  # a compress run must be finished and unaltered (toolkit.manifest)
+            verify_run(os.path.dirname(str(checkpoint_files[0])))
         stored = _stored_shapes(checkpoint_files or [])
         if stored is not None:
             _check_checkpoint(stems, stored)

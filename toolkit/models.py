@@ -27,16 +27,14 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import EXIT_FAILURE, ArmorError
+from .files import read_safetensors_header
+from .manifest import WEIGHTS_FILE, WEIGHTS_INDEX, verify_run
 
 HF_INSTALL_HINT = "this command needs torch and transformers: pip install 'armor-ref[hf]'"
-
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -104,7 +102,7 @@ LAYOUTS: dict[str, Layout] = {
 def read_config(model_dir: str) -> dict[str, Any]:
     """``config.json`` of ``model_dir``; :class:`ArmorError` when the directory or the file is missing/bad."""
     if not os.path.isdir(model_dir):
-        raise ArmorError(f"model directory {model_dir!r} does not exist")
+        raise ArmorError(f"model directory {model_dir!r} does not exist", "check the path")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ArmorError(f"{model_dir!r} has no config.json; expected a Hugging Face model directory")
@@ -112,9 +110,9 @@ def read_config(model_dir: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ArmorError(f"cannot read {path}: {exc}") from None
+        raise ArmorError(f"cannot read {path}: {exc}", "restore the model's config.json") from None
     if not isinstance(config, dict):
-        raise ArmorError(f"{path} does not hold a JSON object")
+        raise ArmorError(f"{path} does not hold a JSON object", "restore the model's config.json")
     return config
 
 
@@ -154,32 +152,61 @@ def weight_files(model_dir: str) -> list[str]:
     ``model.safetensors``. :class:`ArmorError` when there are none."""
     index = os.path.join(model_dir, WEIGHTS_INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh)["weight_map"]
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
-            raise ArmorError(f"cannot read {index}: {exc}") from None
+        weight_map = read_weight_map(index)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
-            raise ArmorError(f"{index} names missing shard(s): {', '.join(missing)}")
+            raise ArmorError(f"{index} names missing shard(s): {', '.join(missing)}", "restore the missing shard files")
         return [os.path.join(model_dir, f) for f in files]
     single = os.path.join(model_dir, WEIGHTS_FILE)
     if os.path.isfile(single):
         return [single]
-    raise ArmorError(f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}")
+    raise ArmorError(
+        f"{model_dir!r} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}", "give a Hugging Face directory saved as safetensors"
+    )
+
+
+def read_weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a ``model.safetensors.index.json``."""
+    try:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ArmorError(f"cannot read {index}: {exc}", "restore the checkpoint's index file") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v and v for k, v in weight_map.items()
+    ):
+        raise ArmorError(f"{index}: weight_map is not a map of tensor names to shard files", "restore the index file")
+    return weight_map
 
 
 def tensor_locations(model_dir: str) -> dict[str, str]:
-    """Map every tensor name of the checkpoint to the safetensors file holding it."""
-    from safetensors import safe_open
-
-    locations: dict[str, str] = {}
+    """Map every tensor name of the checkpoint to the safetensors file holding it. Every shard's header is read and
+    checked against its file size (a truncated or corrupted shard is an error here, before anything runs). In a
+    sharded checkpoint the index decides, as it does for Hugging Face's loader: its tensors, each of which must be
+    in the shard it names (a tensor a shard holds but the index omits is not part of the checkpoint)."""
+    in_files = {}
     for path in weight_files(model_dir):
-        with safe_open(path, framework="np") as fh:
-            for name in fh.keys():
-                locations[name] = path
+        in_files.update({name: path for name in read_safetensors_header(path)[0]})
+    index = os.path.join(model_dir, WEIGHTS_INDEX)
+    if not os.path.isfile(index):
+        return in_files
+    locations = {name: os.path.join(model_dir, shard) for name, shard in sorted(read_weight_map(index).items())}
+    for name, path in locations.items():
+        if in_files.get(name) != path:
+            raise ArmorError(
+                f"{index} lists {name} in {os.path.basename(path)}, but that shard does not hold it",
+                "restore the checkpoint (its index and shards come from different saves)",
+            )
     return locations
+
+
+def checkpoint_shapes(locations: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """The shape of every checkpoint tensor, from the shards' headers (each read once)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(locations.values())):
+        shapes.update({name: info.shape for name, info in read_safetensors_header(path)[0].items()})
+    return shapes
 
 
 def read_checkpoint_tensor(locations: dict[str, str], name: str) -> Any:
@@ -190,20 +217,16 @@ def read_checkpoint_tensor(locations: dict[str, str], name: str) -> Any:
         return fh.get_tensor(name)
 
 
-def copy_tokenizer_and_config(model_dir: str, out_dir: str) -> list[str]:
-    """Copy ``config.json`` and whatever tokenizer / sentence-transformers files exist (incl. pooling folders)."""
-    copied = []
-    for name in ("config.json", *TOKENIZER_FILES):
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
-            copied.append(name)
+def companion_files(model_dir: str) -> list[str]:
+    """The files that travel with the weights, relative to ``model_dir``: ``config.json``, whatever tokenizer files
+    exist, and the files of sentence-transformers module folders (such as ``1_Pooling/config.json``)."""
+    names = [name for name in ("config.json", *TOKENIZER_FILES) if os.path.isfile(os.path.join(model_dir, name))]
     for entry in sorted(os.listdir(model_dir)):  # sentence-transformers module folders such as 1_Pooling
-        src = os.path.join(model_dir, entry)
-        if os.path.isdir(src) and entry[:1].isdigit() and "_" in entry:
-            shutil.copytree(src, os.path.join(out_dir, entry), dirs_exist_ok=True)
-            copied.append(entry + "/")
-    return copied
+        folder = os.path.join(model_dir, entry)
+        if os.path.isdir(folder) and entry[:1].isdigit() and "_" in entry:
+            for root, _, files in sorted(os.walk(folder)):
+                names += [os.path.relpath(os.path.join(root, f), model_dir) for f in sorted(files)]
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,7 +421,12 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> A
     causal LMs, in ``dtype`` on ``device``, eval mode, offline. In a compressed directory's model the factorized
     linears are :class:`backends.torch.inference.ArmorLinear` modules (``y = A (S (B x)) + bias``): dense 2:4 cores
     on the CPU, semi-structured 2:4 cores (cuSPARSELt/CUTLASS) on CUDA in ``float16``/``bfloat16``.
-    :class:`ArmorError` (one line) when a tensor the model needs is missing or has the wrong shape."""
+    :class:`ArmorError` (one line) when a tensor the model needs is missing or has the wrong shape.
+
+    A compress run is loaded only after :func:`toolkit.manifest.verify_run` has checked that it is finished and its
+    files match the sha256 the run recorded (``from_pretrained`` checks that too, in :mod:`toolkit.hf`; here it
+    comes first so that its error is the one reported)."""
+    verify_run(model_dir)
     torch = require_torch()
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:

@@ -35,8 +35,20 @@ COLUMN_TITLES = {
 def finite(value: float, what: str) -> float:
     """``value`` if it is a finite number; otherwise :class:`ArmorError` naming ``what`` (NaN is never "0.0")."""
     if not math.isfinite(value):
-        raise ArmorError(f"{what} is {value}", "check the weights and the calibration data for NaN/Inf or overflow")
+        raise ArmorError(
+            f"{what} is {value}", "check the weights and the calibration data for NaN/Inf, all-zero inputs or overflow"
+        )
     return value
+
+
+def output_error(W: np.ndarray, W_hat: np.ndarray, gram: np.ndarray, what: str) -> float:
+    """The relative output error ``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` (:func:`armor_ref.objectives.relative_output_error`),
+    checked: it is undefined (NaN, an error here) when ``‖W Xᵀ‖² = 0`` — an all-zero weight or all-zero
+    calibration inputs — whatever the reference returns for 0/0, and non-finite values are errors naming ``what``."""
+    value = relative_output_error(W, W_hat, gram)
+    if value == 0.0 and not float(np.sum((np.asarray(W, dtype=np.float64) @ gram) * W)) > 0:
+        value = math.nan  # 0/0: W Xᵀ = 0, nothing to be relative to
+    return finite(value, what)
 
 
 def layer_metrics(
@@ -47,10 +59,10 @@ def layer_metrics(
     metrics = {
         "proxy_loss": problem.loss(problem.to_target_space(W_hat)),
         "nowag_loss": nowag_loss(W, W_hat, np.diag(gram)),
-        "calib_output_error": relative_output_error(W, W_hat, gram),
+        "calib_output_error": output_error(W, W_hat, gram, "calib output error"),
     }
     if heldout is not None:
-        metrics["heldout_output_error"] = relative_output_error(W, W_hat, heldout)
+        metrics["heldout_output_error"] = output_error(W, W_hat, heldout, "held-out output error")
     return {key: finite(value, key.replace("_", " ")) for key, value in metrics.items()}
 
 

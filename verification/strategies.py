@@ -154,3 +154,62 @@ def layers(**kwargs: object) -> st.SearchStrategy[Layer]:
 
 
 proxies: st.SearchStrategy[str] = st.sampled_from(["nowag", "hessian"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two input streams (AA-SVD, the anchored objectives): the original model's X beside the compressed model's X'
+# ----------------------------------------------------------------------------------------------------------
+#: sizes of the shift X' − X, relative to the activations' own scale: none, rounding-like, realistic, as large
+SHIFT_SIZES = (0.0, 1e-3, 1e-1, 1.0)
+
+
+@dataclass(frozen=True)
+class TwoStreamLayer:
+    """A layer seen through two input streams on the same tokens: ``X`` (original model) and ``X'`` (the
+    partially compressed model), with ``G = XᵀX``, ``G' = X'ᵀX'`` and the cross Gram ``C = XᵀX'``."""
+
+    spec: TwoStreamSpec
+    W: np.ndarray  # (d_out, d_in)
+    X: np.ndarray  # (N, d_in)
+    X_shift: np.ndarray  # (N, d_in)
+
+    @property
+    def G(self) -> np.ndarray:
+        return gram_matrix(self.X)
+
+    @property
+    def G_shift(self) -> np.ndarray:
+        return gram_matrix(self.X_shift)
+
+    @property
+    def C(self) -> np.ndarray:
+        return self.X.T @ self.X_shift
+
+
+@dataclass(frozen=True)
+class TwoStreamSpec:
+    """A :class:`LayerSpec` (``W`` and ``X``, with all its hard features) plus the shift ``X' = X + drift · X Δ +
+    noise · rms(X) · Z``: ``Δ`` a random (d_in, d_in) mixing scaled by ``1/√d_in`` (upstream error is correlated
+    with the inputs), ``Z`` standard normal noise. ``drift = noise = 0`` gives ``X' = X``."""
+
+    layer: LayerSpec
+    drift: float = 0.0
+    noise: float = 0.0
+
+    def build(self) -> TwoStreamLayer:
+        base = self.layer.build()
+        rng = np.random.default_rng(self.layer.seed + 1)
+        X = base.X
+        d_in = X.shape[1]
+        mixing = rng.standard_normal((d_in, d_in)) / np.sqrt(d_in)  # Δ
+        rms = float(np.sqrt(np.mean(X**2))) or 1.0
+        X_shift = X + self.drift * (X @ mixing) + self.noise * rms * rng.standard_normal(X.shape)
+        return TwoStreamLayer(self, base.W, X, X_shift)
+
+
+@st.composite
+def two_stream_specs(draw: st.DrawFn, max_dim: int = 64) -> TwoStreamSpec:
+    """Draw a :class:`TwoStreamSpec`: a hard layer with any dimensions ``1 … max_dim`` (``d_out ≠ d_in`` often,
+    few calibration rows often: rank-deficient ``G`` and ``G'``) and a shift of each size in ``SHIFT_SIZES``."""
+    layer = draw(layer_specs(max_dim=max_dim, block_sizes=(1,), max_blocks=max_dim))
+    return TwoStreamSpec(layer, drift=draw(st.sampled_from(SHIFT_SIZES)), noise=draw(st.sampled_from(SHIFT_SIZES)))
