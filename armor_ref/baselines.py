@@ -1,4 +1,5 @@
-"""The 2:4 pruning baselines (spec §3). Each returns ``(S, M)``: the pruned layer and its boolean mask.
+"""The 2:4 pruning baselines (spec §3; each function names its section). Each returns ``(S, M)``: the pruned
+layer and its boolean mask.
 
 * magnitude: keep the 2 largest ``|W_ij|`` of each group.
 * Wanda:     keep the 2 largest ``|W_ij| · √h_j``.
@@ -20,40 +21,42 @@ from .masks import GROUP, select_2of4
 from .objectives import DEFAULT_DAMPING, nowag_normalization
 
 BASELINES = ("magnitude", "wanda", "nowag-p", "sparsegpt")
+#: SparseGPT's column blocks: updates to later blocks are applied once per block (lazy batching)
+SPARSEGPT_BLOCK_SIZE = 128
 
 
 def prune_magnitude(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2:4 by ``|W_ij|``."""
+    """2:4 by ``|W_ij|`` (spec §3.2)."""
     W = np.asarray(W, dtype=np.float64)
     mask = select_2of4(np.abs(W))
     return W * mask, mask
 
 
 def prune_wanda(W: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2:4 by ``|W_ij| · √h_j`` (Wanda's score; ``h_j = ‖X[:, j]‖²``)."""
+    """2:4 by ``|W_ij| · √h_j`` (Wanda's score; ``h_j = ‖X[:, j]‖²``; spec §3.3)."""
     W = np.asarray(W, dtype=np.float64)
     mask = select_2of4(np.abs(W) * np.sqrt(np.maximum(h, 0.0))[None, :])
     return W * mask, mask
 
 
 def prune_nowag_p(W: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2:4 by ``W̄_ij² · h_j``: the nowag-loss-optimal 2:4 matrix (kept entries keep their value)."""
+    """2:4 by ``W̄_ij² · h_j``: the nowag-loss-optimal 2:4 matrix (kept entries keep their value; spec §3.4)."""
     W = np.asarray(W, dtype=np.float64)
     W_bar, _, _ = nowag_normalization(W)
     mask = select_2of4(W_bar**2 * np.maximum(h, 0.0)[None, :])
     return W * mask, mask
 
 
-def _inverse_hessian_cholesky(H: np.ndarray) -> np.ndarray:
-    """Upper-triangular ``U`` with ``H⁻¹ = Uᵀ U``."""
+def inverse_hessian_cholesky(H: np.ndarray) -> np.ndarray:
+    """Upper-triangular ``U`` with ``H⁻¹ = Uᵀ U`` (spec §3.5)."""
     H_inv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H, lower=True), np.eye(H.shape[0]))
     return scipy.linalg.cholesky(H_inv, lower=False)
 
 
 def prune_sparsegpt(
-    W: np.ndarray, gram: np.ndarray, block_size: int = 128, damping: float = DEFAULT_DAMPING
+    W: np.ndarray, gram: np.ndarray, block_size: int = SPARSEGPT_BLOCK_SIZE, damping: float = DEFAULT_DAMPING
 ) -> tuple[np.ndarray, np.ndarray]:
-    """SparseGPT 2:4 pruning of ``W`` (d_out, d_in) with Gram matrix ``gram = Xᵀ X``.
+    """SparseGPT 2:4 pruning of ``W`` (d_out, d_in) with Gram matrix ``gram = Xᵀ X`` (spec §3.5).
 
     Columns are processed left to right. For column ``j`` with ``d = U_jj``: at the start of each group of 4,
     the 2 entries with the smallest ``w² / d²`` (on the current, already updated weights) are pruned; the
@@ -68,7 +71,7 @@ def prune_sparsegpt(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += damping * np.mean(np.diag(H)) * np.eye(d_in)
-    U = _inverse_hessian_cholesky(H)
+    U = inverse_hessian_cholesky(H)
 
     mask = np.zeros((d_out, d_in), dtype=bool)
     for start in range(0, d_in, block_size):
@@ -93,7 +96,7 @@ def prune_sparsegpt(
 
 
 def run_baseline(name: str, W: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dispatch by name (one of :data:`BASELINES`) with the raw Gram matrix ``gram = Xᵀ X``."""
+    """Dispatch by name (one of :data:`BASELINES`) with the raw Gram matrix ``gram = Xᵀ X`` (spec §3.6)."""
     h = np.diag(gram)
     if name == "magnitude":
         return prune_magnitude(W)

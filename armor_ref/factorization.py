@@ -1,19 +1,24 @@
-"""ARMOR factorization ``Ŵ = A · (W' ⊙ M) · B`` by block coordinate descent (spec §1, §4, §5).
+"""ARMOR factorization ``Ŵ = A · (W' ⊙ M) · B`` by block coordinate descent: the plain reference.
 
-Everything here works on a :class:`~armor_ref.objectives.Problem`, i.e. on the loss
-``L = tr((T − A S B) H (T − A S B)ᵀ)`` (nowag: ``T = W̄``, ``H = diag(h)``; hessian: ``T = W``, ``H`` damped Gram).
+Each function implements one section of ``docs/armor-spec.md`` and says which. Everything works on a
+:class:`~armor_ref.objectives.Problem`, i.e. on the loss
 
-Shapes: ``A`` (R, b, b) with ``R = d_out / b``; ``B`` (K, b, b) with ``K = d_in / b``; the core ``S`` (d_out, d_in)
-stored dense, zero outside its boolean 2:4 mask ``M``. Tile ``(r, k)`` of ``Ŵ`` is ``A_r S_rk B_k``.
+    L(A, S, B) = tr((T − A S B) H (T − A S B)ᵀ)        (nowag: T = W̄, H = diag(h); hessian: T = W, H damped Gram)
 
-One sweep = A-step, B-step, core-values step, discrete step. Each is an exact minimisation over its block of
-variables, written as a step from the current point (``x ← x + M⁺(n − M x)``), so that even where a system is
-singular (dead input channels, empty rows) the step cannot increase ``L``. The discrete step accepts a new
-2:4 support only on a strict decrease. Hence the loss trace never increases and ``L(ARMOR) ≤ L(start)``.
+Shapes: ``A`` (R, b, b) holds the blocks ``A_r`` of ``blockdiag(A)``, ``R = d_out / b``; ``B`` (K, b, b) the blocks
+``B_k``, ``K = d_in / b``; the core ``S`` (d_out, d_in) is stored dense, zero outside its boolean 2:4 mask ``M``.
+Row block ``r`` is rows ``r·b … r·b + b − 1`` (:func:`block`), column block ``k`` likewise; tile ``(r, k)`` of ``Ŵ``
+is ``A_r S_rk B_k``.
+
+One sweep = A-step, B-step, core-values step, discrete step (spec §5). The code favours the formulas over speed:
+loops over row blocks, column blocks, groups and supports, small matrices, no index tricks. It is meant to be read
+next to the spec and to run the verification suite and the equality tests on small shapes.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,36 +26,65 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .baselines import BASELINES, run_baseline
-from .masks import GROUP, SUPPORTS, check_groupable, has_two_per_group
+from .masks import GROUP, KEEP, SUPPORTS, check_groupable, has_two_per_group
 from .objectives import DEFAULT_DAMPING, Problem, make_problem
 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_INIT = {"nowag": "nowag-p", "hessian": "sparsegpt"}
 DEFAULT_SWEEPS = {"nowag": 30, "hessian": 20}
+#: stop when a sweep lowers the loss by no more than this fraction of the loss at its start (spec §5.6)
 DEFAULT_TOL = 1e-5
 SCHEDULES = ("bcd", "adam")
-CORE_CG_ITERATIONS = 20  # conjugate-gradient iterations of one core-values step (warm-started every sweep)
-_RIDGE = 1e-12  # relative eigenvalue cut-off of the PSD pseudo-inverses
-# relative singular-value cut-off of the least-squares pseudo-inverses (A- and B-steps): directions weaker than
-# this are left where they are, which keeps B bounded when columns are duplicated or dead
+
+# ---- every tolerance of the algorithm (spec §8) --------------------------------------------------------------
+#: eigenvalues of a PSD matrix below ``PSD_PINV_CUTOFF · λ_max`` count as zero in :func:`psd_pinv`
+PSD_PINV_CUTOFF = 1e-12
+#: singular values below ``PINV_RTOL · σ_max`` count as zero in the least-squares pseudo-inverses of the A- and
+#: B-steps: directions weaker than that are left where they are (keeps B bounded for duplicated or dead columns)
 PINV_RTOL = 1e-6
+#: conjugate-gradient iterations of one core-values step (warm-started from the current values every sweep)
+CORE_CG_ITERATIONS = 20
+#: the core-values CG stops once ``‖residual‖ ≤ CORE_CG_RTOL · ‖right-hand side‖``
+CORE_CG_RTOL = 1e-10
+#: ridge of the core step's block-Jacobi preconditioner, relative to the mean of its diagonal
+PRECONDITIONER_RIDGE = 1e-10
+#: the discrete step switches support only if the best cost beats the current support's by
+#: ``TIE_RTOL · (|cost_current| + |cost_now|) + TINY``
+TIE_RTOL = 1e-12
+#: an absolute floor that only keeps divisions and comparisons away from exact zero
+TINY = 1e-300
+#: Adam schedule (the paper's): learning rate, moment decays, epsilon, iterations without improvement before stopping
+ADAM_LR = 1e-4
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+ADAM_PATIENCE = 100
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Block-diagonal algebra
+# Block-diagonal algebra (spec §1)
 # ----------------------------------------------------------------------------------------------------------
+def block(i: int, b: int) -> slice:
+    """The indices ``i·b … i·b + b − 1`` of block ``i``."""
+    return slice(i * b, (i + 1) * b)
+
+
 def blockdiag_left(A: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """``blockdiag(A) @ X`` for ``A`` (R, b, b) and ``X`` (R·b, n)."""
+    """``blockdiag(A) · X`` for ``A`` (R, b, b) and ``X`` (R·b, n): row block ``r`` of the result is ``A_r X_r``."""
     R, b, _ = A.shape
-    return (A @ X.reshape(R, b, -1)).reshape(R * b, -1)
+    out = np.empty((R * b, X.shape[1]), dtype=np.result_type(A, X))
+    for r in range(R):
+        out[block(r, b)] = A[r] @ X[block(r, b)]
+    return out
 
 
 def blockdiag_right(X: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``X @ blockdiag(B)`` for ``X`` (m, K·b) and ``B`` (K, b, b)."""
+    """``X · blockdiag(B)`` for ``X`` (m, K·b) and ``B`` (K, b, b): column block ``k`` of the result is
+    ``X_k B_k``."""
     K, b, _ = B.shape
-    m = X.shape[0]
-    tiles = X.reshape(m, K, b).transpose(1, 0, 2)  # (K, m, b)
-    return (tiles @ B).transpose(1, 0, 2).reshape(m, K * b)
+    out = np.empty((X.shape[0], K * b), dtype=np.result_type(X, B))
+    for k in range(K):
+        out[:, block(k, b)] = X[:, block(k, b)] @ B[k]
+    return out
 
 
 def blockdiag_dense(blocks: np.ndarray) -> np.ndarray:
@@ -58,28 +92,34 @@ def blockdiag_dense(blocks: np.ndarray) -> np.ndarray:
     n, b, _ = blocks.shape
     out = np.zeros((n * b, n * b), dtype=blocks.dtype)
     for i in range(n):
-        out[i * b : (i + 1) * b, i * b : (i + 1) * b] = blocks[i]
+        out[block(i, b), block(i, b)] = blocks[i]
     return out
 
 
 def diagonal_blocks(H: np.ndarray, b: int) -> np.ndarray:
     """The (K, b, b) diagonal blocks ``H_kk`` of a (K·b, K·b) matrix."""
     K = H.shape[0] // b
-    return np.stack([H[k * b : (k + 1) * b, k * b : (k + 1) * b] for k in range(K)])
+    return np.stack([H[block(k, b), block(k, b)] for k in range(K)])
 
 
 def reconstruct(A: np.ndarray, S: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``Ŵ = blockdiag(A) · S · blockdiag(B)``."""
+    """``Ŵ = blockdiag(A) · S · blockdiag(B)`` (spec §1.1)."""
     return blockdiag_left(A, blockdiag_right(S, B))
 
 
 def psd_pinv(M: np.ndarray) -> np.ndarray:
-    """Pseudo-inverse of a batch of symmetric PSD matrices (..., n, n); eigenvalues below
-    ``1e-12 · λ_max`` count as zero."""
+    """Pseudo-inverse ``V Λ⁺ Vᵀ`` of a symmetric PSD matrix (or a stack of them, ``(..., n, n)``) from its
+    eigendecomposition ``M = V Λ Vᵀ``; eigenvalues ``≤ PSD_PINV_CUTOFF · λ_max`` count as zero (spec §5.1.1)."""
     w, V = np.linalg.eigh(M)
-    cutoff = _RIDGE * np.max(np.abs(w), axis=-1, keepdims=True)
+    cutoff = PSD_PINV_CUTOFF * np.max(np.abs(w), axis=-1, keepdims=True)
     inv_w = np.where(w > cutoff, 1.0 / np.where(w > cutoff, w, 1.0), 0.0)
     return (V * inv_w[..., None, :]) @ np.swapaxes(V, -1, -2)
+
+
+def lstsq_pinv(X: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of ``X`` by SVD, singular values ``≤ PINV_RTOL · σ_max`` counting as zero, so that
+    ``Y X⁺ = argmin_Z ‖Y − Z X‖`` on the kept directions (spec §5.1.2)."""
+    return np.linalg.pinv(X, rtol=PINV_RTOL)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,96 +171,86 @@ class ArmorResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The continuous steps (spec §5)
+# The continuous steps (spec §5.1–5.4)
 # ----------------------------------------------------------------------------------------------------------
 def a_step(problem: Problem, f: Factors) -> None:
-    """A-step, row blocks separately: with ``P_r = S[rows r] B``, ``A_r = T_r H P_rᵀ (P_r H P_rᵀ)⁻¹``
-    (nowag: ``H = D``). Computed without forming ``P_r H P_rᵀ``, which would square the condition number: with
-    ``H = F Fᵀ``, ``A_r += argmin_X ‖(E_r − X P_r) F‖ = (E_r F)(P_r F)⁺``, ``E_r = T_r − A_r P_r``, the
-    pseudo-inverse by SVD."""
+    """A-step (spec §5.2): each ``A_r`` minimises ``‖(T_r − A_r P_r) F‖²`` with ``P_r = (S B)_r`` and
+    ``H = F Fᵀ``, in the square-root least-squares form, from the current point:
+
+        E_r = T_r − A_r P_r,        A_r ← A_r + (E_r F)(P_r F)⁺        (⁺: SVD, cut-off PINV_RTOL)
+
+    i.e. ``A_r = T_r H P_rᵀ (P_r H P_rᵀ)⁻¹`` without forming ``P_r H P_rᵀ`` (which squares the condition number).
+    """
     R, b, _ = f.A.shape
-    PF = problem.times_F(blockdiag_right(f.S, f.B)).reshape(R, b, -1)  # P_r F  (R, b, d_in)
-    EF = problem.target_times_F.reshape(R, b, -1) - f.A @ PF  # E_r F
-    f.A += EF @ np.linalg.pinv(PF, rtol=PINV_RTOL)
+    PF = problem.times_F(blockdiag_right(f.S, f.B))  # S B F (d_out, d_in); rows of block r = P_r F
+    for r in range(R):
+        rows = block(r, b)
+        EF = problem.target_times_F[rows] - f.A[r] @ PF[rows]  # E_r F  (b, d_in)
+        f.A[r] += EF @ lstsq_pinv(PF[rows])  # (b, d_in) (d_in, b)
 
 
 def b_step(problem: Problem, f: Factors) -> None:
-    """B-step, with ``Q_k = A S[:, cols k]`` (d_out, b) and ``Q_k⁺ = (Q_kᵀQ_k)⁻¹ Q_kᵀ`` (by SVD, never forming
-    ``Q_kᵀQ_k``).
+    """B-step (spec §5.3), with ``Q_k = (A S)[:, cols k]`` (d_out, b) and ``Q_k⁺`` its SVD pseudo-inverse
+    (``= (Q_kᵀQ_k)⁻¹ Q_kᵀ``, never forming ``Q_kᵀQ_k``), from the current point ``E = T − Ŵ``:
 
-    nowag: ``h_j`` scales a whole column and cancels: ``B_k = Q_k⁺ W̄[:, cols k]``, all k at once.
-    hessian: Gauss–Seidel over k with ``G = (W − Ŵ) H`` kept current:
-    ``ΔB_k = Q_k⁺ G[:, cols k] H_kk⁻¹``, ``B_k += ΔB_k``, ``G −= Q_k ΔB_k H[cols k, :]``.
+    * nowag (``H`` diagonal, its weights cancel): ``B_k ← B_k + Q_k⁺ E[:, cols k]``, all ``k`` at once;
+    * hessian, Gauss–Seidel over ``k`` with ``G = (T − Ŵ) H`` kept current:
+      ``ΔB_k = Q_k⁺ G[:, cols k] H_kk⁺``,  ``B_k ← B_k + ΔB_k``,  ``G ← G − Q_k ΔB_k H[cols k, :]``.
     """
     K, b, _ = f.B.shape
-    Q = blockdiag_left(f.A, f.S)  # (d_out, d_in); Q[:, cols k] = Q_k
-    Qk = Q.reshape(Q.shape[0], K, b).transpose(1, 0, 2)  # (K, d_out, b)
-    Qk_pinv = np.linalg.pinv(Qk, rtol=PINV_RTOL)  # (K, b, d_out)
-    E = problem.target - blockdiag_right(Q, f.B)
+    Q = blockdiag_left(f.A, f.S)  # A S (d_out, d_in); Q_k = Q[:, cols k]
+    E = problem.target - blockdiag_right(Q, f.B)  # T − Ŵ
     if problem.diagonal:
-        f.B += Qk_pinv @ E.reshape(E.shape[0], K, b).transpose(1, 0, 2)  # ΔB_k = Q_k⁺ E[:, cols k]
+        for k in range(K):
+            cols = block(k, b)
+            f.B[k] += lstsq_pinv(Q[:, cols]) @ E[:, cols]
         return
     H = problem.H
-    G = E @ H
-    Hkk_pinv = psd_pinv(diagonal_blocks(H, b))
+    G = E @ H  # (d_out, d_in)
     for k in range(K):
-        cols = slice(k * b, (k + 1) * b)
-        dB = Qk_pinv[k] @ G[:, cols] @ Hkk_pinv[k]
+        cols = block(k, b)
+        dB = lstsq_pinv(Q[:, cols]) @ G[:, cols] @ psd_pinv(H[cols, cols])  # (b, b)
         f.B[k] += dB
-        G -= (Qk[k] @ dB) @ H[cols, :]
+        G -= (Q[:, cols] @ dB) @ H[cols, :]
 
 
-def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = 1e-10) -> None:
-    """Core-values step (mask fixed): the kept entries solve the convex quadratic
-    ``M ⊙ (AᵀA S (B H Bᵀ)) = M ⊙ (Aᵀ T H Bᵀ)`` (nowag: ``H = D``; independent per tile for nowag and per
-    row block for hessian). Solved by preconditioned conjugate gradient started at the current values, each
-    step an exact line minimisation, so the loss never increases; ``max_iter`` bounds the work, ``rtol`` the
-    residual. Preconditioner: for row ``i`` and column block ``k``, ``(AᵀA)_ii · C_kk[J, J]`` on the kept
-    entries ``J`` (``C = B H Bᵀ``), exact when ``A`` is diagonal and ``C`` block diagonal."""
+def core_values_step(
+    problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = CORE_CG_RTOL
+) -> None:
+    """Core-values step (spec §5.4): with the mask fixed, the kept entries of ``S`` minimise a convex quadratic
+    whose normal equations are
+
+        M ⊙ (AᵀA · S · C) = M ⊙ (Aᵀ T H Bᵀ),        C = B H Bᵀ        (nowag: H = diag(h), C block diagonal)
+
+    Solved by preconditioned conjugate gradient started at the current values: every iteration is an exact line
+    minimisation, so the loss never increases. At most ``max_iter`` iterations; stops early once
+    ``‖residual‖ ≤ rtol · ‖rhs‖``, or when ``rᵀz ≤ 0`` or a curvature ``dᵀ𝕄d ≤ 0`` appears (nothing left to gain).
+    The preconditioner is :func:`core_preconditioner`.
+    """
     A, B, M = f.A, f.B, f.M
-    d_out, d_in = M.shape
-    b = f.block_size
-    K = d_in // b
-    AtA = np.swapaxes(A, 1, 2) @ A  # (R, b, b)
-    if problem.diagonal:  # B D Bᵀ is block diagonal: (K, b, b)
-        C_blocks = (B * np.diag(problem.H).reshape(-1, 1, b)) @ np.swapaxes(B, 1, 2)
-
-        def times_C(X: np.ndarray) -> np.ndarray:
-            return blockdiag_right(X, C_blocks)
+    R, b, _ = A.shape
+    K = B.shape[0]
+    Bt = np.swapaxes(B, 1, 2)
+    AtA = np.stack([A[r].T @ A[r] for r in range(R)])  # A_rᵀ A_r  (R, b, b)
+    if problem.diagonal:  # C = B D Bᵀ is block diagonal: C_kk = B_k D_k B_kᵀ
+        h = np.diag(problem.H)
+        C = blockdiag_dense(np.stack([(B[k] * h[block(k, b)][None, :]) @ Bt[k] for k in range(K)]))
     else:
-        C = blockdiag_left(B, blockdiag_right(problem.H, np.swapaxes(B, 1, 2)))  # B H Bᵀ (d_in, d_in)
-        C_blocks = diagonal_blocks(C, b)
+        C = blockdiag_left(B, blockdiag_right(problem.H, Bt))  # B H Bᵀ  (d_in, d_in)
 
-        def times_C(X: np.ndarray) -> np.ndarray:
-            return X @ C
+    def operator(X: np.ndarray) -> np.ndarray:  # 𝕄 X = M ⊙ (AᵀA X C)
+        return M * (blockdiag_left(AtA, X) @ C)
 
-    def operator(X: np.ndarray) -> np.ndarray:  # M ⊙ (AᵀA X C)
-        return M * times_C(blockdiag_left(AtA, X))
-
-    # block-Jacobi preconditioner on the b/2 kept entries of each (row, column block)
-    kept = np.nonzero(M.reshape(d_out, K, b))[2].reshape(d_out, K, b // 2)  # (d_out, K, b/2)
-    C_kept = C_blocks[np.arange(K)[None, :, None, None], kept[..., :, None], kept[..., None, :]]
-    A_diag = np.einsum("rii->ri", AtA).reshape(d_out, 1, 1, 1)
-    P = A_diag * C_kept  # (d_out, K, b/2, b/2), PSD; a tiny ridge keeps it invertible (dead inputs)
-    ridge = 1e-10 * np.einsum("...ii->...", P)[..., None, None] / (b // 2) + 1e-300
-    P_inv = np.linalg.inv(P + ridge * np.eye(b // 2))
-    rows, blocks = np.arange(d_out)[:, None, None], np.arange(K)[None, :, None]
-
-    def precondition(X: np.ndarray) -> np.ndarray:
-        out = np.zeros((d_out, K, b))
-        X_kept = X.reshape(d_out, K, b)[rows, blocks, kept]
-        out[rows, blocks, kept] = np.einsum("rkij,rkj->rki", P_inv, X_kept)
-        return out.reshape(d_out, d_in)
-
-    rhs = M * blockdiag_right(blockdiag_left(np.swapaxes(A, 1, 2), problem.target_times_H), np.swapaxes(B, 1, 2))
+    precondition = core_preconditioner(AtA, C, M)
+    rhs = M * blockdiag_right(blockdiag_left(np.swapaxes(A, 1, 2), problem.target_times_H), Bt)
     X = f.S * M
-    residual = rhs - operator(X)  # = −½ masked gradient
+    residual = rhs - operator(X)  # = −½ of the masked gradient
     z = precondition(residual)
     direction = z.copy()
     rz = float(np.sum(residual * z))
     rhs_norm = float(np.linalg.norm(rhs))
     for _ in range(max_iter):
-        if rz <= 0 or float(np.linalg.norm(residual)) <= rtol * max(rhs_norm, 1e-300):
+        if rz <= 0 or float(np.linalg.norm(residual)) <= rtol * max(rhs_norm, TINY):
             break
         Ad = operator(direction)
         curvature = float(np.sum(direction * Ad))
@@ -236,199 +266,251 @@ def core_values_step(problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERA
     f.S[:] = X
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The discrete step (spec §5)
-# ----------------------------------------------------------------------------------------------------------
-# support id of a 4-bit mask pattern (bit t = position t kept); -1 for patterns that do not keep exactly 2
-_SUPPORT_OF_PATTERN = np.full(16, -1, dtype=np.int64)
-for _sid, (_p0, _p1) in enumerate(SUPPORTS):
-    _SUPPORT_OF_PATTERN[(1 << _p0) | (1 << _p1)] = _sid
-_SUPPORT_MASKS = np.zeros((len(SUPPORTS), GROUP), dtype=bool)
-_SUPPORT_MASKS[np.arange(len(SUPPORTS))[:, None], SUPPORTS] = True
+def core_preconditioner(AtA: np.ndarray, C: np.ndarray, M: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The block-Jacobi preconditioner of the core step (spec §5.4.1): for row ``i`` (row ``p`` of row block ``r``)
+    and column block ``k``, with ``J`` the ``b/2`` kept columns of the row in that block,
+
+        P = (A_rᵀA_r)_pp · C[J, J] + ρ I,        ρ = PRECONDITIONER_RIDGE · tr(P) / (b/2) + TINY
+
+    (exact when ``A`` is diagonal and ``C`` block diagonal; the ridge keeps it invertible for dead inputs).
+    Returns ``X ↦ P⁻¹ X`` applied on every (row, column block), zero off the mask."""
+    b = AtA.shape[1]
+    d_out, d_in = M.shape
+    K = d_in // b
+    half = b // KEEP
+    kept = np.empty((d_out, K, half), dtype=np.int64)  # the kept columns J, absolute indices
+    P_inv = np.empty((d_out, K, half, half))
+    for i in range(d_out):
+        r, p = divmod(i, b)
+        for k in range(K):
+            J = k * b + np.flatnonzero(M[i, block(k, b)])
+            P = AtA[r, p, p] * C[np.ix_(J, J)]
+            ridge = PRECONDITIONER_RIDGE * np.trace(P) / half + TINY
+            kept[i, k] = J
+            P_inv[i, k] = np.linalg.inv(P + ridge * np.eye(half))
+    rows = np.arange(d_out)[:, None, None]
+
+    def precondition(X: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(X)
+        out[rows, kept] = np.einsum("ikab,ikb->ika", P_inv, X[rows, kept])  # P⁻¹ X[i, J] on every (i, k)
+        return out
+
+    return precondition
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The discrete step (spec §5.5)
+# ----------------------------------------------------------------------------------------------------------
 @dataclass
 class GroupTables:
-    """What the discrete step needs of ``B`` and ``H`` for the groups of a batch of column blocks ``ks``
-    (fixed while the discrete step runs). For group ``g`` (4 rows of ``B_k``, ``B_g``):
-    ``BH[k] = B_k H_kk`` (nk, b, b), ``Q[k, g] = B_g H_kk B_gᵀ`` (nk, b/4, 4, 4) and the pseudo-inverses of
-    its 6 principal 2×2 blocks ``Q_ss⁺`` (nk, b/4, 6, 2, 2)."""
+    """What the discrete step needs of one column block ``k`` (``B`` and ``H`` are fixed while it runs).
 
-    BH: np.ndarray
-    Q: np.ndarray
-    Q_ss: np.ndarray
-    Q_ss_pinv: np.ndarray
+    Group ``g`` of the block is its columns ``4g … 4g+3``; ``B_g`` = rows ``4g … 4g+3`` of ``B_k``."""
+
+    BH: np.ndarray  # B_k H_kk (b, b); rows 4g..4g+3 are B_g H_kk
+    Q: np.ndarray  # Q[g] = B_g H_kk B_gᵀ (b/4, 4, 4)
+    Q_ss: np.ndarray  # Q_ss[g, s] = Q[g][s, s] for each support s (b/4, 6, 2, 2)
+    Q_ss_pinv: np.ndarray  # psd_pinv(Q_ss[g, s]) (b/4, 6, 2, 2)
 
 
-def group_tables(B_ks: np.ndarray, H_kk: np.ndarray) -> GroupTables:
-    """Build :class:`GroupTables` from ``B_k`` (nk, b, b) and ``H_kk`` (nk, b, b)."""
-    nk, b, _ = B_ks.shape
-    BH = B_ks @ H_kk
-    full = BH @ np.swapaxes(B_ks, 1, 2)  # B_k H_kk B_kᵀ; group g is its g-th 4×4 diagonal block
-    g = np.arange(b // GROUP)
-    rows = GROUP * g[:, None] + np.arange(GROUP)  # (b/4, 4)
-    Q = full[:, rows[:, :, None], rows[:, None, :]]  # (nk, b/4, 4, 4)
-    Q_ss = Q[..., SUPPORTS[:, :, None], SUPPORTS[:, None, :]]  # (nk, b/4, 6, 2, 2)
+def group_tables(B_k: np.ndarray, H_kk: np.ndarray) -> GroupTables:
+    """:class:`GroupTables` of a column block from ``B_k`` (b, b) and ``H_kk`` (b, b) (spec §5.5.2)."""
+    b = B_k.shape[0]
+    BH = B_k @ H_kk
+    BHBt = BH @ B_k.T  # B_k H_kk B_kᵀ; Q[g] is its g-th 4×4 diagonal block
+    Q = np.stack([BHBt[block(g, GROUP), block(g, GROUP)] for g in range(b // GROUP)])
+    Q_ss = np.stack([[Q_g[np.ix_(s, s)] for s in SUPPORTS] for Q_g in Q])
     return GroupTables(BH, Q, Q_ss, psd_pinv(Q_ss))
 
 
+def all_group_tables(problem: Problem, f: Factors) -> list[GroupTables]:
+    """:func:`group_tables` of every column block ``k = 0 … K−1``."""
+    b = f.block_size
+    return [group_tables(f.B[k], problem.H[block(k, b), block(k, b)]) for k in range(f.B.shape[0])]
+
+
 def support_costs(
-    Q: np.ndarray, Q_ss: np.ndarray, Q_ss_pinv: np.ndarray, ell: np.ndarray, a_norm2: np.ndarray
+    Q_ss: np.ndarray, Q_ss_pinv: np.ndarray, ell: np.ndarray, a_norm2: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For each group, the optimal values on each of the 6 supports and their cost.
+    """For one group, the optimal values and the cost of each of the 6 supports ``s`` (spec §5.5.3).
 
     Minimising ``φ(u) = ‖a‖² uᵀ Q u − 2 uᵀ ℓ`` over ``u`` supported on ``s`` gives
-    ``u_s = Q_ss⁻¹ ℓ_s / ‖a‖²`` and ``cost_s = φ(u_s) = −ℓ_sᵀ Q_ss⁻¹ ℓ_s / ‖a‖²``. ``Q_ss⁻¹`` is a pseudo-inverse,
-    and the cost is evaluated as ``φ(u_s)`` itself so that a singular ``Q_ss`` cannot mislead the choice.
-    Shapes: ``Q`` (..., 4, 4), ``Q_ss``/``Q_ss_pinv`` (..., 6, 2, 2), ``ell`` (..., 4), ``a_norm2`` (...).
-    Returns ``u`` (..., 6, 4) and ``cost`` (..., 6).
-    """
-    ell_s = ell[..., SUPPORTS]  # (..., 6, 2)
-    scale = np.where(a_norm2 > 0, a_norm2, 1.0)[..., None, None]
-    u_s = np.einsum("...ij,...j->...i", Q_ss_pinv, ell_s) / scale  # (..., 6, 2)
-    cost = scale[..., 0] * np.einsum("...i,...ij,...j->...", u_s, Q_ss, u_s) - 2 * np.sum(u_s * ell_s, axis=-1)
-    u = np.zeros(ell.shape[:-1] + (len(SUPPORTS), GROUP))
-    u[..., np.arange(len(SUPPORTS))[:, None], SUPPORTS] = u_s
+
+        u_s = Q_ss⁺ ℓ_s / ‖a‖²,        cost_s = φ(u_s)   (= −ℓ_sᵀ Q_ss⁺ ℓ_s / ‖a‖² when Q_ss is invertible)
+
+    The cost is evaluated as ``φ(u_s)`` itself so that a singular ``Q_ss`` cannot misreport it; ``‖a‖² = 0`` is
+    replaced by 1 (such a group is never changed, see :func:`choose_support`).
+    Shapes: ``Q_ss``, ``Q_ss_pinv`` (6, 2, 2), ``ell`` (4,). Returns ``u`` (6, 4) and ``cost`` (6,)."""
+    scale = a_norm2 if a_norm2 > 0 else 1.0
+    u = np.zeros((len(SUPPORTS), GROUP))
+    cost = np.empty(len(SUPPORTS))
+    for sid, (p0, p1) in enumerate(SUPPORTS.tolist()):  # the 2×2 algebra written out, in plain floats
+        (P00, P01), (P10, P11) = Q_ss_pinv[sid].tolist()  # Q_ss⁺
+        (q00, q01), (q10, q11) = Q_ss[sid].tolist()
+        l0, l1 = float(ell[p0]), float(ell[p1])  # ℓ_s
+        u0, u1 = (P00 * l0 + P01 * l1) / scale, (P10 * l0 + P11 * l1) / scale  # u_s = Q_ss⁺ ℓ_s / ‖a‖²
+        quadratic = u0 * q00 * u0 + u0 * q01 * u1 + u1 * q10 * u0 + u1 * q11 * u1  # u_sᵀ Q_ss u_s
+        cost[sid] = scale * quadratic - 2 * (u0 * l0 + u1 * l1)  # φ(u_s)
+        u[sid, p0], u[sid, p1] = u0, u1
     return u, cost
 
 
-def choose_supports(
+#: the index in ``SUPPORTS`` of each 4-position mask that keeps exactly 2 positions, keyed by the mask as a tuple
+SUPPORT_OF_MASK = {tuple(p in s for p in range(GROUP)): sid for sid, s in enumerate(SUPPORTS.tolist())}
+
+
+def support_index(m: np.ndarray) -> int:
+    """The index in ``SUPPORTS`` of a group's boolean mask ``m`` (4,) keeping exactly 2 positions."""
+    return SUPPORT_OF_MASK[tuple(bool(x) for x in m)]
+
+
+def choose_support(
     Q: np.ndarray,
     Q_ss: np.ndarray,
     Q_ss_pinv: np.ndarray,
     ell: np.ndarray,
-    a_norm2: np.ndarray,
+    a_norm2: float,
     s: np.ndarray,
     m: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The discrete decision for a batch of groups with current values ``s`` and mask ``m`` (..., 4).
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The discrete decision (spec §5.5.4) for one group with current values ``s`` and mask ``m`` (4,):
 
-    The cheapest of the 6 supports is taken only if it is strictly cheaper than the current support (on a
-    tie the current one stays); the new values are accepted only if ``φ`` strictly decreases, and never for a
-    group with ``a = 0``. Returns the new values (..., 4), the new mask (..., 4) and whether the support changed.
-    """
-    u, cost = support_costs(Q, Q_ss, Q_ss_pinv, ell, a_norm2)  # (..., 6, 4), (..., 6)
-    Qs = np.einsum("...gh,...h->...g", Q, s)
-    cost_now = a_norm2 * np.sum(s * Qs, axis=-1) - 2 * np.sum(s * ell, axis=-1)
-    current = _SUPPORT_OF_PATTERN[m.astype(np.int64) @ (1 << np.arange(GROUP))]
-    cost_current = np.take_along_axis(cost, current[..., None], axis=-1)[..., 0]
-    best = np.argmin(cost, axis=-1)
-    tolerance = 1e-12 * (np.abs(cost_current) + np.abs(cost_now)) + 1e-300
-    switch = np.take_along_axis(cost, best[..., None], axis=-1)[..., 0] < cost_current - tolerance
-    chosen = np.where(switch, best, current)
-    cost_new = np.take_along_axis(cost, chosen[..., None], axis=-1)[..., 0]
-    accept = (a_norm2 > 0) & (cost_new < cost_now)
-    u_new = np.where(accept[..., None], np.take_along_axis(u, chosen[..., None, None], axis=-2)[..., 0, :], s)
-    m_new = np.where(accept[..., None], _SUPPORT_MASKS[chosen], m)
-    return u_new, m_new, accept & switch
+    * ``best`` = the cheapest of the 6 supports (the first on an exact tie);
+    * switch to it only if ``cost_best < cost_current − (TIE_RTOL · (|cost_current| + |cost_now|) + TINY)``,
+      where ``cost_current`` is the optimum on the current support and ``cost_now = φ(s)``; else keep the support;
+    * write the chosen support's optimal values only on a strict decrease ``cost_chosen < cost_now``, and never
+      for ``‖a‖ = 0``.
 
-
-def group_ell_first_term(f: Factors, G: np.ndarray) -> np.ndarray:
-    """``B_g G_rkᵀ a`` for every group at once: it is the entry block of ``Aᵀ G Bᵀ`` (= −½ ∂L/∂S)."""
-    return blockdiag_right(blockdiag_left(np.swapaxes(f.A, 1, 2), G), np.swapaxes(f.B, 1, 2))
+    Returns the new values (4,), the new mask (4,) and whether the support changed."""
+    u, cost = support_costs(Q_ss, Q_ss_pinv, ell, a_norm2)
+    cost_now = a_norm2 * np.sum(s * np.einsum("gh,h->g", Q, s)) - 2 * np.sum(s * ell)  # φ(s)
+    current = support_index(m)
+    best = int(np.argmin(cost))
+    margin = TIE_RTOL * (abs(cost[current]) + abs(cost_now)) + TINY
+    switch = bool(cost[best] < cost[current] - margin)
+    chosen = best if switch else current
+    if not (a_norm2 > 0 and cost[chosen] < cost_now):
+        return s, m, False
+    new_mask = np.zeros(GROUP, dtype=bool)
+    new_mask[SUPPORTS[chosen]] = True
+    return u[chosen], new_mask, switch
 
 
-def improvable_groups(problem: Problem, f: Factors, G: np.ndarray, tables: GroupTables) -> np.ndarray:
-    """Which groups could strictly lower the loss by changing support, each judged alone at the current
-    point (exact for a single-group change). Returns a bool array (R, b, K, b/4): row block, row in block,
-    column block, group in block. No True at all means the current masks are discrete-stationary."""
+def group_ell(f: Factors, G_tile: np.ndarray, tables: GroupTables, r: int, k: int, p: int, g: int) -> np.ndarray:
+    """``ℓ`` (4,) (spec §5.5.1) of the group in row ``p`` of row block ``r`` and group ``g`` of column block ``k``,
+    given ``G_tile = ((T − Ŵ) H)[rows r, cols k]`` (b, b) at the current point.
+
+    The group's values ``s`` enter ``Ŵ`` as ``a (sᵀ B_g)`` in tile ``(r, k)``, ``a = A_r[:, p]``. With ``R`` the
+    residual with the group's contribution added back, ``ℓ = B_g (R H)_rkᵀ a = B_g G_rkᵀ a + ‖a‖² Q s``."""
+    b = f.block_size
+    a = f.A[r][:, p]  # (b,)
+    B_g = f.B[k][block(g, GROUP)]  # (4, b)
+    s = f.S[r * b + p, k * b + GROUP * g + np.arange(GROUP)]
+    Gt_a = np.einsum("ij,i->j", G_tile, a)  # G_rkᵀ a  (b,)
+    return np.einsum("gj,j->g", B_g, Gt_a) + np.sum(a * a) * np.einsum("gh,h->g", tables.Q[g], s)
+
+
+def update_group(f: Factors, G_tile: np.ndarray, tables: GroupTables, r: int, k: int, p: int, g: int) -> bool:
+    """Re-choose the support and values of one group (spec §5.5.5; :func:`group_ell`, :func:`choose_support`), keep
+    ``G_tile = ((T − Ŵ) H)[rows r, cols k]`` current: ``Ŵ`` changes by ``a ⊗ (δᵀ B_g)`` with ``δ = u_new − s``,
+    so ``G_tile −= a ⊗ (δᵀ B_g H_kk)``. Returns whether the group's support changed."""
+    b = f.block_size
+    row, cols = r * b + p, k * b + GROUP * g + np.arange(GROUP)
+    a = f.A[r][:, p]
+    s, m = f.S[row, cols], f.M[row, cols]
+    ell = group_ell(f, G_tile, tables, r, k, p, g)
+    u_new, m_new, switched = choose_support(tables.Q[g], tables.Q_ss[g], tables.Q_ss_pinv[g], ell, np.sum(a * a), s, m)
+    f.S[row, cols] = u_new
+    f.M[row, cols] = m_new
+    G_tile -= a[:, None] * np.einsum("g,gj->j", u_new - s, tables.BH[block(g, GROUP)])[None, :]
+    return switched
+
+
+def improvable_groups(f: Factors, G: np.ndarray, tables: list[GroupTables]) -> np.ndarray:
+    """Screening (spec §5.5.6): which groups, each judged alone at the current point (``G = (T − Ŵ) H``), would switch
+    support (:func:`choose_support`). The first term of every group's ``ℓ``, ``B_g G_rkᵀ a``, is read off
+    ``Aᵀ G Bᵀ`` (= −½ ∂L/∂S), computed once. Returns a bool array (R, b, K, b/4): row block, row in block,
+    column block, group in block. No True at all means the masks are discrete-stationary."""
     R, b, _ = f.A.shape
     K = f.B.shape[0]
-    shape = (R, b, K, b // GROUP, GROUP)
-    s = f.S.reshape(shape)
-    m = f.M.reshape(shape)
-    a_norm2 = np.broadcast_to(np.sum(f.A * f.A, axis=1)[:, :, None, None], shape[:-1])  # ‖A[:, i]‖²
-    Q = tables.Q[None, None]
-    ell = group_ell_first_term(f, G).reshape(shape) + a_norm2[..., None] * np.einsum("...gh,...h->...g", Q, s)
-    _, _, switch = choose_supports(Q, tables.Q_ss[None, None], tables.Q_ss_pinv[None, None], ell, a_norm2, s, m)
-    return switch
+    AtGBt = blockdiag_right(blockdiag_left(np.swapaxes(f.A, 1, 2), G), np.swapaxes(f.B, 1, 2))  # (d_out, d_in)
+    a_norm2 = np.sum(f.A * f.A, axis=1)  # (R, b): ‖A_r[:, p]‖²
+    out = np.zeros((R, b, K, b // GROUP), dtype=bool)
+    for r, p, k, g in itertools.product(range(R), range(b), range(K), range(b // GROUP)):
+        row, cols = r * b + p, k * b + GROUP * g + np.arange(GROUP)
+        s, m = f.S[row, cols], f.M[row, cols]
+        Q = tables[k].Q[g]
+        ell = AtGBt[row, cols] + a_norm2[r, p] * np.einsum("gh,h->g", Q, s)
+        out[r, p, k, g] = choose_support(Q, tables[k].Q_ss[g], tables[k].Q_ss_pinv[g], ell, a_norm2[r, p], s, m)[2]
+    return out
 
 
-def update_groups(f: Factors, G_tiles: np.ndarray, tables: GroupTables, ks: slice, p: np.ndarray, g: np.ndarray) -> int:
-    """Re-choose the support and values of one group in each of a batch of tiles that cannot interact.
-
-    Tiles: row blocks ``r = 0..R−1`` × the column blocks ``ks`` (``nk`` of them). In tile ``(r, k)`` the group is
-    row ``p[r, k]`` of the row block and the 4 columns ``4·g[r, k] … 4·g[r, k]+3`` of the column block.
-    ``G_tiles`` (R, nk, b, b) holds ``((T − Ŵ) H)`` on those tiles and is kept current; ``tables`` are those of
-    the column blocks ``ks``. With ``a`` = column ``p`` of ``A_r``, ``B_g`` = rows ``g`` of ``B_k`` and current
-    values ``s``: ``Q = B_g H_kk B_gᵀ`` and ``ℓ = B_g (R H)ᵀ a = B_g G_rkᵀ a + ‖a‖² Q s`` (``R`` the residual
-    with the group's contribution added back). Returns the number of groups whose support changed.
-    """
-    R, b, _ = f.A.shape
-    K = f.B.shape[0]
-    nk = G_tiles.shape[1]
-    rr = np.arange(R)[:, None, None]
-    kk = np.arange(nk)[None, :, None]
-    cols = GROUP * g[..., None] + np.arange(GROUP)  # (R, nk, 4) columns inside the block
-    S4 = f.S.reshape(R, b, K, b)[:, :, ks, :]  # views into f.S / f.M
-    M4 = f.M.reshape(R, b, K, b)[:, :, ks, :]
-
-    a = f.A[rr[..., 0], :, p]  # (R, nk, b)
-    a_norm2 = np.sum(a * a, axis=-1)  # (R, nk)
-    B_g = f.B[ks][kk, cols]  # (R, nk, 4, b)
-    BgH = tables.BH[kk, cols]  # (R, nk, 4, b)
-    kg = (kk[..., 0], g)
-    Q = tables.Q[kg]  # (R, nk, 4, 4)
-    s = S4[rr, p[..., None], kk, cols]  # (R, nk, 4)
-    m = M4[rr, p[..., None], kk, cols]
-    Gta = np.einsum("rkij,rki->rkj", G_tiles, a)  # G_rkᵀ a  (R, nk, b)
-    ell = np.einsum("rkgj,rkj->rkg", B_g, Gta) + a_norm2[..., None] * np.einsum("rkgh,rkh->rkg", Q, s)
-
-    u_new, m_new, switched = choose_supports(Q, tables.Q_ss[kg], tables.Q_ss_pinv[kg], ell, a_norm2, s, m)
-    S4[rr, p[..., None], kk, cols] = u_new
-    M4[rr, p[..., None], kk, cols] = m_new
-    delta = u_new - s  # (R, nk, 4): Ŵ_T changes by a ⊗ (δᵀ B_g), so G_rk −= a ⊗ (δᵀ B_g H_kk)
-    G_tiles -= a[..., :, None] * np.einsum("rkg,rkgj->rkj", delta, BgH)[..., None, :]
-    return int(np.sum(switched))
+def discrete_batches(problem: Problem, K: int) -> list[list[int]]:
+    """Column blocks whose groups are updated together (spec §5.5.7): nowag all ``K`` at once (one group per tile, ``H``
+    diagonal so tiles do not interact), hessian one column block at a time (one group per row block)."""
+    return [list(range(K))] if problem.diagonal else [[k] for k in range(K)]
 
 
 def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int:
-    """Re-choose 2:4 supports group by group (spec §5, discrete step).
+    """Discrete step (spec §5.5.8): re-choose 2:4 supports group by group.
 
-    First every group is judged alone at the current point (:func:`improvable_groups`, one vectorised pass);
-    then, in a random order, each position (row ``p`` of the row blocks, group ``g`` of the column blocks)
-    where some group can improve is updated exactly, in parallel only where groups cannot interact:
-    nowag — one group per tile (``H`` diagonal, so column blocks are independent); hessian — one group per row
-    block, column block after column block, with ``G = (T − Ŵ) H`` brought up to date after each column
-    block. Returns the number of support changes.
-    """
+    1. Screening: :func:`improvable_groups` judges every group alone at the start.
+    2. For each batch of column blocks (:func:`discrete_batches`) where some group was found improvable: draw
+       one permutation ``rng.permutation(b · b/4)`` of the positions ``(p, g)`` (``flat = p · b/4 + g``) and, in
+       that order, skipping positions where no group of the batch was found improvable, update the group at
+       ``(p, g)`` of every tile of the batch (:func:`update_group`; they cannot interact). The batch's
+       ``G = (T − Ŵ) H`` is kept current group by group.
+    3. hessian: after each column block, bring ``G`` up to date for the blocks still to come:
+       ``G ← G − A ΔS_k B_k H[cols k, :]``.
+
+    Returns the number of support changes."""
     R, b, _ = f.A.shape
     K = f.B.shape[0]
-    d_out = f.S.shape[0]
-    G = problem.times_H(problem.target - f.W_hat())
-    tables = group_tables(f.B, diagonal_blocks(problem.H, b))
-    candidates = improvable_groups(problem, f, G, tables)  # (R, b, K, b/4)
-    batches = [slice(0, K)] if problem.diagonal else [slice(k, k + 1) for k in range(K)]
+    n_groups = b // GROUP
+    G = problem.times_H(problem.target - f.W_hat())  # (T − Ŵ) H  (d_out, d_in)
+    tables = all_group_tables(problem, f)
+    candidates = improvable_groups(f, G, tables)  # (R, b, K, b/4)
     changed = 0
-    for ks in batches:
-        nk = ks.stop - ks.start
-        col_range = slice(ks.start * b, ks.stop * b)
-        worth_visiting = candidates[:, :, ks, :].any(axis=(0, 2)).reshape(-1)  # (b · b/4,) positions (p, g)
+    for ks in discrete_batches(problem, K):
+        worth_visiting = candidates[:, :, ks, :].any(axis=(0, 2))  # (b, b/4): positions (p, g)
         if not worth_visiting.any():
             continue
-        S_before = f.S[:, col_range].copy()
-        G_tiles = G[:, col_range].reshape(R, b, nk, b).transpose(0, 2, 1, 3).copy()  # (R, nk, b, b)
-        batch_tables = GroupTables(tables.BH[ks], tables.Q[ks], tables.Q_ss[ks], tables.Q_ss_pinv[ks])
-        for flat in rng.permutation(b * (b // GROUP)):
-            if worth_visiting[flat]:
-                p = np.full((R, nk), flat // (b // GROUP))
-                g = np.full((R, nk), flat % (b // GROUP))
-                changed += update_groups(f, G_tiles, batch_tables, ks, p, g)
-        if not problem.diagonal:  # carry the column block's change into G for the blocks still to come
-            dE = -blockdiag_left(f.A, blockdiag_right(f.S[:, col_range] - S_before, f.B[ks]))
-            G += dE.reshape(d_out, -1) @ problem.H[col_range, :]
+        cols = slice(ks[0] * b, (ks[-1] + 1) * b)
+        S_before = f.S[:, cols].copy()
+        G_batch = G[:, cols].copy()  # (T − Ŵ) H on the batch's columns, kept current below
+        for flat in rng.permutation(b * n_groups):
+            p, g = divmod(int(flat), n_groups)
+            if not worth_visiting[p, g]:
+                continue
+            for j, k in enumerate(ks):
+                for r in range(R):
+                    changed += update_group(f, G_batch[block(r, b), block(j, b)], tables[k], r, k, p, g)
+        if not problem.diagonal:  # the column block's change, carried into G for the blocks still to come
+            (k,) = ks
+            dE = -blockdiag_left(f.A, (f.S[:, cols] - S_before) @ f.B[k])  # change of T − Ŵ (d_out, b)
+            G += dE @ problem.H[cols, :]
     return changed
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The two schedules
+# The start and the two schedules (spec §4.1, §5.6, §5.7)
 # ----------------------------------------------------------------------------------------------------------
 def initial_factors(problem: Problem, S_layer: np.ndarray, M: np.ndarray, block_size: int) -> Factors:
-    """``A = I``, ``B = I`` and the baseline's core mapped into the problem's space (spec §4)."""
+    """``A = I``, ``B = I`` and the baseline's core mapped into the problem's space (spec §4.1)."""
     d_out, d_in = S_layer.shape
     A = np.tile(np.eye(block_size), (d_out // block_size, 1, 1))
     B = np.tile(np.eye(block_size), (d_in // block_size, 1, 1))
     return Factors(A, B, problem.to_target_space(S_layer) * M, M.copy())
+
+
+def check_budget(sweeps: int, tol: float = 0.0) -> None:
+    """Raise ValueError unless ``sweeps`` is an integer ≥ 0 and ``tol`` a finite number ≥ 0 (spec §5.6.1)."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 0:
+        raise ValueError(f"sweeps must be a whole number >= 0, got {sweeps!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)):
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
 
 
 def run_bcd(
@@ -439,9 +521,11 @@ def run_bcd(
     rng: np.random.Generator,
     on_sweep: Callable[[int, float], None] | None = None,
 ) -> tuple[list[dict], int]:
-    """Block coordinate descent: sweeps of A-, B-, core-values and discrete steps, recording the loss after
-    every step (a step whose computed loss rose through rounding is undone and marked ``reverted``).
-    Stops after ``sweeps`` sweeps or when a sweep improves the loss by less than ``tol`` relative."""
+    """Block coordinate descent (spec §5.6): sweeps of :func:`a_step`, :func:`b_step`, :func:`core_values_step`
+    and :func:`discrete_step`, recording the computed loss after every step (nothing is undone: the trace is
+    what the steps did). Stops after ``sweeps`` sweeps, or after the first sweep that lowers the loss by no
+    more than ``tol`` times the loss at its start. Returns the trace and the number of sweeps run."""
+    check_budget(sweeps, tol)
     loss = problem.loss(f.W_hat())
     trace = [{"sweep": 0, "step": "init", "loss": loss}]
     steps: list[tuple[str, Callable[[], object]]] = [
@@ -454,16 +538,8 @@ def run_bcd(
     for sweep in range(1, sweeps + 1):
         start_loss = loss
         for name, step in steps:
-            saved = f.copy()
             step()
-            new_loss = problem.loss(f.W_hat())
-            if new_loss > loss:
-                # Each step is exact, so this only happens through rounding near an exact fit or with extreme
-                # conditioning (a rise of ~ε·κ); undo the step so that the computed trace never increases.
-                f.A, f.B, f.S, f.M = saved.A, saved.B, saved.S, saved.M
-                trace.append({"sweep": sweep, "step": name, "loss": loss, "reverted": True, "rise": new_loss - loss})
-                continue
-            loss = new_loss
+            loss = problem.loss(f.W_hat())
             trace.append({"sweep": sweep, "step": name, "loss": loss})
         done = sweep
         if on_sweep is not None:
@@ -473,57 +549,75 @@ def run_bcd(
     return trace, done
 
 
+def adam_gradients(problem: Problem, f: Factors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradients of ``L`` (spec §5.7, step 1) with ``G = (T − Ŵ) H`` (so ``∂L/∂Ŵ = −2G``):
+    ``∂L/∂A_r = −2 G_r (S B)_rᵀ``, ``∂L/∂B_k = −2 (A S)[:, cols k]ᵀ G[:, cols k]``, ``∂L/∂S = −2 Aᵀ G Bᵀ``
+    (the last on every entry; Adam uses it masked, the group draw unmasked)."""
+    R, b, _ = f.A.shape
+    K = f.B.shape[0]
+    G = problem.times_H(problem.target - f.W_hat())
+    SB = blockdiag_right(f.S, f.B)
+    AS = blockdiag_left(f.A, f.S)
+    grad_A = np.stack([-2 * np.einsum("id,jd->ij", G[block(r, b)], SB[block(r, b)]) for r in range(R)])  # G_r SB_rᵀ
+    grad_B = np.stack([-2 * np.einsum("di,dj->ij", AS[:, block(k, b)], G[:, block(k, b)]) for k in range(K)])
+    grad_S = -2 * blockdiag_right(blockdiag_left(np.swapaxes(f.A, 1, 2), G), np.swapaxes(f.B, 1, 2))
+    return grad_A, grad_B, grad_S
+
+
 def run_adam(
     problem: Problem,
     f: Factors,
     iterations: int,
     rng: np.random.Generator,
-    lr: float = 1e-4,
-    patience: int = 100,
+    lr: float = ADAM_LR,
+    patience: int = ADAM_PATIENCE,
     on_sweep: Callable[[int, float], None] | None = None,
 ) -> tuple[list[dict], int, Factors]:
-    """The paper's schedule: Adam (``lr``) on ``A``, ``B`` and the kept core values jointly, plus one discrete
-    update per tile (nowag) or per row block (hessian, cycling over column blocks) per iteration, the group
-    drawn with probability proportional to the L1 norm of the loss gradient over its 4 entries. Not monotone
-    in general; returns the best iterate seen and stops after ``patience`` iterations without improvement."""
+    """The paper's schedule (spec §5.7). Each iteration ``t``:
+
+    1. one Adam step (``lr``, ``ADAM_BETAS``, ``ADAM_EPS``, bias-corrected moments) on ``A``, ``B`` and the kept
+       core values jointly (:func:`adam_gradients`; the core's gradient masked, ``S`` re-masked after);
+    2. one discrete update (:func:`update_group`) per tile of the batch: nowag every tile, hessian the tiles
+       of column block ``t mod K``; in each tile the group ``flat = p · b/4 + g`` is drawn with probability
+       proportional to the L1 norm of the (pre-step, unmasked) core gradient over its 4 entries (plus
+       ``TINY``), by one uniform ``rng.random((R, nk))`` per iteration, row block major.
+
+    Not monotone in general; returns the trace, the iterations run and the best iterate seen, and stops after
+    ``patience`` iterations without a new best."""
+    check_budget(iterations)
     R, b, _ = f.A.shape
     K = f.B.shape[0]
+    n_groups = b // GROUP
+    beta1, beta2 = ADAM_BETAS
     params = [f.A, f.B, f.S]
     moments = [(np.zeros_like(x), np.zeros_like(x)) for x in params]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     best = f.copy()
     best_loss = problem.loss(f.W_hat())
     trace = [{"sweep": 0, "step": "init", "loss": best_loss}]
-    Hkk = diagonal_blocks(problem.H, b)
     since_best = 0
     done = 0
     for it in range(1, iterations + 1):
-        G = problem.times_H(problem.target - f.W_hat())  # dL/dŴ = −2 G
-        SB = blockdiag_right(f.S, f.B)
-        AS = blockdiag_left(f.A, f.S)
-        grad_A = -2 * np.einsum("rid,rjd->rij", G.reshape(R, b, -1), SB.reshape(R, b, -1))
-        grad_B = -2 * np.einsum("dki,dkj->kij", AS.reshape(-1, K, b), G.reshape(-1, K, b))
-        grad_S_full = -2 * blockdiag_right(blockdiag_left(np.swapaxes(f.A, 1, 2), G), np.swapaxes(f.B, 1, 2))
-        for x, grad, (m1, m2) in zip(params, (grad_A, grad_B, grad_S_full * f.M), moments, strict=True):
+        grad_A, grad_B, grad_S = adam_gradients(problem, f)
+        for x, grad, (m1, m2) in zip(params, (grad_A, grad_B, grad_S * f.M), moments, strict=True):
             m1 *= beta1
             m1 += (1 - beta1) * grad
             m2 *= beta2
             m2 += (1 - beta2) * grad * grad
-            x -= lr * (m1 / (1 - beta1**it)) / (np.sqrt(m2 / (1 - beta2**it)) + eps)
+            x -= lr * (m1 / (1 - beta1**it)) / (np.sqrt(m2 / (1 - beta2**it)) + ADAM_EPS)
         f.S *= f.M
 
-        # one discrete update per independent tile, group drawn by gradient L1 weight
-        ks = slice(0, K) if problem.diagonal else slice(it % K, it % K + 1)
-        nk = ks.stop - ks.start
-        col_range = slice(ks.start * b, ks.stop * b)
+        ks = list(range(K)) if problem.diagonal else [it % K]
         G = problem.times_H(problem.target - f.W_hat())
-        weights = np.abs(grad_S_full[:, col_range]).reshape(R, b, nk, b // GROUP, GROUP).sum(-1)
-        weights = weights.transpose(0, 2, 1, 3).reshape(R, nk, -1) + 1e-300  # (R, nk, b·b/4)
-        cdf = np.cumsum(weights, axis=-1)
-        draws = rng.random((R, nk, 1)) * cdf[..., -1:]
-        flat = np.minimum(np.sum(cdf < draws, axis=-1), weights.shape[-1] - 1)
-        G_tiles = G[:, col_range].reshape(R, b, nk, b).transpose(0, 2, 1, 3).copy()
-        update_groups(f, G_tiles, group_tables(f.B[ks], Hkk[ks]), ks, flat // (b // GROUP), flat % (b // GROUP))
+        tables = all_group_tables(problem, f)
+        draws = rng.random((R, len(ks)))
+        for r in range(R):
+            for j, k in enumerate(ks):
+                tile = np.abs(grad_S[block(r, b), block(k, b)])  # (b, b)
+                weights = np.array([np.sum(tile[p, block(g, GROUP)]) for p in range(b) for g in range(n_groups)])
+                cdf = np.cumsum(weights + TINY)  # position flat = p · b/4 + g
+                flat = min(int(np.sum(cdf < draws[r, j] * cdf[-1])), len(cdf) - 1)
+                p, g = divmod(flat, n_groups)
+                update_group(f, G[block(r, b), block(k, b)], tables[k], r, k, p, g)
 
         loss = problem.loss(f.W_hat())
         trace.append({"sweep": it, "step": "adam", "loss": loss})
@@ -540,10 +634,10 @@ def run_adam(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Entry point
+# Entry point (spec §1.2, §4.2)
 # ----------------------------------------------------------------------------------------------------------
 def check_shapes(d_out: int, d_in: int, block_size: int) -> None:
-    """Raise ValueError unless the block size is a multiple of 4 dividing both dimensions."""
+    """Raise ValueError unless the block size is a multiple of 4 dividing both dimensions (spec §1.2)."""
     if block_size <= 0 or block_size % GROUP != 0:
         raise ValueError(f"block size {block_size} must be a positive multiple of 4")
     check_groupable(d_in)
@@ -552,6 +646,37 @@ def check_shapes(d_out: int, d_in: int, block_size: int) -> None:
             raise ValueError(
                 f"{name} dimension {d} is not divisible by block size {block_size}; pick one that divides it"
             )
+
+
+def check_options(
+    W: np.ndarray,
+    gram: np.ndarray,
+    proxy: str,
+    init: str | None,
+    block_size: int,
+    sweeps: int | None,
+    tol: float,
+    schedule: str,
+) -> tuple[str, int]:
+    """Every check of :func:`factorize`'s input (spec §4.2), as ValueErrors naming the problem: shapes
+    (:func:`check_shapes`), a (d_in, d_in) Gram matrix, finite inputs, a known proxy, schedule and baseline, a valid
+    budget (:func:`check_budget`). Returns the starting baseline and the sweep budget with the defaults filled in."""
+    d_out, d_in = W.shape
+    check_shapes(d_out, d_in, block_size)
+    if gram.shape != (d_in, d_in):
+        raise ValueError(f"Gram matrix shape {gram.shape} does not match the layer's {d_in} inputs")
+    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(gram))):
+        raise ValueError("the layer or its Gram matrix holds NaN or infinite values")
+    if proxy not in DEFAULT_INIT:
+        raise ValueError(f"unknown proxy {proxy!r}; choose one of {', '.join(DEFAULT_INIT)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    init = init or DEFAULT_INIT[proxy]
+    if init not in BASELINES:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
+    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
+    check_budget(sweeps, tol)
+    return init, sweeps
 
 
 def factorize(
@@ -567,37 +692,34 @@ def factorize(
     damping: float = DEFAULT_DAMPING,
     on_sweep: Callable[[int, float], None] | None = None,
 ) -> ArmorResult:
-    """Factorize layer ``W`` (d_out, d_in) as ``Ŵ = blockdiag(A) · (W' ⊙ M) · blockdiag(B)``.
+    """Factorize layer ``W`` (d_out, d_in) as ``Ŵ = blockdiag(A) · (W' ⊙ M) · blockdiag(B)`` (spec §4.2).
 
     ``gram`` is the raw calibration Gram matrix ``Xᵀ X`` (d_in, d_in). ``proxy`` picks the loss (``nowag`` or
     ``hessian``), ``init`` the baseline to start from (default NoWag-P for nowag, SparseGPT for hessian),
     ``sweeps`` the budget (default 30 nowag / 20 hessian; iterations for ``schedule="adam"``), ``tol`` the
-    relative improvement per sweep under which to stop. Deterministic for a given ``seed``.
+    relative improvement per sweep under which to stop. Deterministic for a given ``seed``
+    (``np.random.default_rng(seed)`` drives the discrete step's visiting order and Adam's group draws).
+    The normalisation is folded back at the end: ``A_r ← diag(row_scale_r) A_r``, ``B_k ← B_k diag(col_scale_k)``.
     """
     W = np.asarray(W, dtype=np.float64)
+    gram = np.asarray(gram, dtype=np.float64)
     d_out, d_in = W.shape
-    check_shapes(d_out, d_in, block_size)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    init = init or DEFAULT_INIT[proxy]
-    if init not in BASELINES:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(BASELINES)}")
-    sweeps = DEFAULT_SWEEPS[proxy] if sweeps is None else sweeps
+    init, sweeps = check_options(W, gram, proxy, init, block_size, sweeps, tol, schedule)
 
     t0 = time.perf_counter()
     problem = make_problem(W, gram, proxy, damping)
     S0, M0 = run_baseline(init, W, gram)
-    assert has_two_per_group(M0)
+    if not has_two_per_group(M0):
+        raise ValueError(f"baseline {init!r} did not keep exactly 2 of every 4 positions")
     f = initial_factors(problem, S0, M0, block_size)
     rng = np.random.default_rng(seed)
     if schedule == "bcd":
         trace, done = run_bcd(problem, f, sweeps, tol, rng, on_sweep)
     else:
         trace, done, f = run_adam(problem, f, sweeps, rng, on_sweep=on_sweep)
-    # fold the normalisation back: A ← diag(r) A, B ← B diag(c)
     R, b = d_out // block_size, block_size
-    A = f.A * problem.row_scale.reshape(R, b, 1)
-    B = f.B * problem.col_scale.reshape(-1, 1, b)
+    A = np.stack([problem.row_scale[block(r, b)][:, None] * f.A[r] for r in range(R)])  # diag(r) A_r
+    B = np.stack([f.B[k] * problem.col_scale[block(k, b)][None, :] for k in range(d_in // b)])  # B_k diag(c)
     return ArmorResult(
         A=A,
         B=B,

@@ -27,20 +27,27 @@ def check_groupable(d_in: int) -> None:
         raise ValueError(f"input dimension {d_in} is not divisible by {GROUP}; 2:4 sparsity needs groups of 4")
 
 
+def group_columns(q: int) -> slice:
+    """The columns ``4q … 4q+3`` of group ``q``."""
+    return slice(q * GROUP, (q + 1) * GROUP)
+
+
 def select_2of4(scores: np.ndarray) -> np.ndarray:
-    """Keep, in every aligned group of 4 columns, the 2 entries with the largest score.
+    """Keep, in every aligned group of 4 columns of every row, the 2 entries with the largest score (spec §3.1).
 
     Ties go to the lower column (a stable sort), so the result is deterministic.
     Returns a boolean mask of the same shape, exactly 2 True per group.
     """
     d_out, d_in = scores.shape
     check_groupable(d_in)
-    groups = scores.reshape(d_out, d_in // GROUP, GROUP)
-    # argsort of -score, stable: the two best positions of each group
-    order = np.argsort(-groups, axis=-1, kind="stable")[..., :KEEP]
-    mask = np.zeros_like(groups, dtype=bool)
-    np.put_along_axis(mask, order, True, axis=-1)
-    return mask.reshape(d_out, d_in)
+    rows = np.arange(d_out)
+    mask = np.zeros((d_out, d_in), dtype=bool)
+    for q in range(d_in // GROUP):
+        cols = group_columns(q)
+        best = np.argsort(-scores[:, cols], axis=1, kind="stable")[:, :KEEP]  # (d_out, 2): the two best positions
+        for t in range(KEEP):
+            mask[rows, q * GROUP + best[:, t]] = True
+    return mask
 
 
 def is_2of4(matrix_or_mask: np.ndarray) -> bool:
@@ -59,18 +66,24 @@ def has_two_per_group(mask: np.ndarray) -> bool:
 
 
 def pack_2of4(core: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pack a 2:4 core into ``values`` (d_out, d_in/2) and ``index`` uint8 (d_out, d_in/4).
+    """Pack a 2:4 core into ``values`` (d_out, d_in/2) and ``index`` uint8 (d_out, d_in/4) (spec §6.2).
 
     ``mask`` must keep exactly 2 positions per group; entries of ``core`` outside the mask are dropped.
     """
     if not has_two_per_group(mask):
         raise ValueError("mask must keep exactly 2 of every 4 positions")
     d_out, d_in = core.shape
-    groups = d_in // GROUP
-    positions = np.nonzero(mask.reshape(d_out, groups, GROUP))[2].reshape(d_out, groups, KEEP)  # p0 < p1
-    values = np.take_along_axis(core.reshape(d_out, groups, GROUP), positions, axis=-1)
-    index = (positions[..., 0] | (positions[..., 1] << 2)).astype(np.uint8)
-    return np.ascontiguousarray(values.reshape(d_out, groups * KEEP)), np.ascontiguousarray(index)
+    rows = np.arange(d_out)
+    values = np.empty((d_out, d_in // GROUP * KEEP), dtype=core.dtype)
+    index = np.empty((d_out, d_in // GROUP), dtype=np.uint8)
+    for q in range(d_in // GROUP):
+        kept = mask[:, group_columns(q)]  # (d_out, 4), two True per row
+        p0 = np.argmax(kept, axis=1)  # the first kept position
+        p1 = GROUP - 1 - np.argmax(kept[:, ::-1], axis=1)  # the last kept position
+        values[:, KEEP * q] = core[rows, q * GROUP + p0]
+        values[:, KEEP * q + 1] = core[rows, q * GROUP + p1]
+        index[:, q] = p0 | (p1 << 2)
+    return values, index
 
 
 def unpack_2of4(values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,12 +95,14 @@ def unpack_2of4(values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.n
     if values.shape != (d_out, groups * KEEP):
         raise ValueError(f"values shape {values.shape} does not match index shape {index.shape}")
     index = index.astype(np.int64)
-    p0, p1 = index & 3, index >> 2
+    p0, p1 = index & 3, index >> 2  # (d_out, groups)
     if np.any(p1 > 3) or np.any(p0 >= p1):
         raise ValueError("index holds positions outside 0 <= p0 < p1 <= 3")
-    positions = np.stack([p0, p1], axis=-1)  # (d_out, groups, 2)
-    core = np.zeros((d_out, groups, GROUP), dtype=values.dtype)
-    np.put_along_axis(core, positions, values.reshape(d_out, groups, KEEP), axis=-1)
-    mask = np.zeros((d_out, groups, GROUP), dtype=bool)
-    np.put_along_axis(mask, positions, True, axis=-1)
-    return core.reshape(d_out, groups * GROUP), mask.reshape(d_out, groups * GROUP)
+    rows = np.arange(d_out)
+    core = np.zeros((d_out, groups * GROUP), dtype=values.dtype)
+    mask = np.zeros((d_out, groups * GROUP), dtype=bool)
+    for q in range(groups):
+        for t, p in enumerate((p0[:, q], p1[:, q])):
+            core[rows, q * GROUP + p] = values[:, KEEP * q + t]
+            mask[rows, q * GROUP + p] = True
+    return core, mask

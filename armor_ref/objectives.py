@@ -15,6 +15,7 @@ factorization and the baselines work on; the normalisation is folded back into t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -25,20 +26,20 @@ DEFAULT_DAMPING = 0.01
 
 
 def gram_matrix(X: np.ndarray) -> np.ndarray:
-    """``H = Xᵀ X`` in float64, for activations ``X`` of shape (N, d_in)."""
+    """``H = Xᵀ X`` in float64, for activations ``X`` of shape (N, d_in) (spec §2.1)."""
     X = np.asarray(X, dtype=np.float64)
     return X.T @ X
 
 
 def damped(H: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:
-    """``H + λ · mean(diag H) · I``. A zero Gram matrix gets ``λ · I`` so the result is still definite."""
+    """``H + λ · mean(diag H) · I`` (spec §2.4). A zero Gram matrix gets ``λ · I`` so the result is still definite."""
     mean_h = float(np.mean(np.diag(H)))
     scale = damping * (mean_h if mean_h > 0 else 1.0)
     return H + scale * np.eye(H.shape[0])
 
 
 def nowag_normalization(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(W̄, r, c)`` with ``W̄ = diag(r)⁻¹ W diag(c)⁻¹``: columns, then rows, scaled to unit norm.
+    """Return ``(W̄, r, c)`` with ``W̄ = diag(r)⁻¹ W diag(c)⁻¹``: columns, then rows, scaled to unit norm (spec §2.2).
 
     An all-zero column or row gets scale 1 (nothing to normalise), so the map stays invertible.
     """
@@ -52,23 +53,30 @@ def nowag_normalization(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def nowag_loss(W: np.ndarray, W_hat: np.ndarray, h: np.ndarray) -> float:
-    """``Σ_ij h_j (W̄_ij − Ŵ̄_ij)²``, both matrices normalised with the scales of ``W``."""
+    """``Σ_ij h_j (W̄_ij − Ŵ̄_ij)²``, both matrices normalised with the scales of ``W`` (spec §2.3)."""
     W_bar, r, c = nowag_normalization(W)
     W_hat_bar = np.asarray(W_hat, dtype=np.float64) / r[:, None] / c[None, :]
     return float(np.sum(h[None, :] * (W_bar - W_hat_bar) ** 2))
 
 
 def hessian_loss(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
-    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``; pass a damped ``H`` for the objective, the raw Gram for output error."""
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` (spec §2.5); pass a damped ``H`` for the objective, the raw Gram for output
+    error."""
     E = np.asarray(W, dtype=np.float64) - np.asarray(W_hat, dtype=np.float64)
     return float(np.sum((E @ H) * E))
 
 
 def relative_output_error(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
-    """``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` from a raw Gram matrix ``H = Xᵀ X``: the layer's relative output error."""
+    """``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` from a raw Gram matrix ``H = Xᵀ X``: the layer's relative output error
+    (spec §2.7).
+
+    NaN when the denominator ``tr(W H Wᵀ)`` is 0 or not finite: the ratio is undefined there, and NaN (never a
+    made-up 0.0) is what callers must report as an error."""
     W = np.asarray(W, dtype=np.float64)
     denom = float(np.sum((W @ H) * W))
-    return hessian_loss(W, W_hat, H) / denom if denom > 0 else 0.0
+    if not (math.isfinite(denom) and denom > 0):
+        return math.nan
+    return hessian_loss(W, W_hat, H) / denom
 
 
 @dataclass
@@ -135,7 +143,7 @@ class Problem:
 
 
 def make_problem(W: np.ndarray, gram: np.ndarray, proxy: str, damping: float = DEFAULT_DAMPING) -> Problem:
-    """Build the :class:`Problem` of ``proxy`` for layer ``W`` and Gram matrix ``gram = Xᵀ X``."""
+    """Build the :class:`Problem` of ``proxy`` for layer ``W`` and Gram matrix ``gram = Xᵀ X`` (spec §2.6)."""
     W = np.asarray(W, dtype=np.float64)
     gram = np.asarray(gram, dtype=np.float64)
     if proxy == "nowag":

@@ -1,14 +1,18 @@
-"""Backends that run the reference algorithm (``armor_ref``) on other array libraries.
+"""The fast implementation of ARMOR, written once over an array namespace (:mod:`backends.xp`) and run on NumPy,
+torch (CPU, CUDA) or CuPy; it mirrors the plain reference :mod:`armor_ref` module by module (``objectives``,
+``masks``, ``baselines``, ``factorization``) and makes the same decisions. ``backends/torch/inference.py`` holds
+:class:`~backends.torch.inference.ArmorLinear`, the 2:4 inference module.
 
 ``get_factorize(backend, device)`` returns a function with the signature and result type of
-:func:`armor_ref.factorization.factorize` (NumPy arrays in, :class:`~armor_ref.factorization.ArmorResult` with NumPy
-arrays out), so that commands can swap backends without knowing them. The torch and CuPy functions take one more
-keyword, ``dtype`` (torch: ``torch.float64``/``torch.float32``; CuPy: ``"float64"``/``"float32"``); the default is
-float64 on the CPU (the reference's answers) and float32 on CUDA.
+:func:`armor_ref.factorization.factorize` (NumPy arrays in, :class:`~armor_ref.factorization.ArmorResult` of NumPy
+arrays out) plus the keyword ``threads`` (CPU threads, :mod:`backends.threads`), so that commands can swap backends
+without knowing them. The torch and CuPy functions take one more keyword, ``dtype`` (``float64``/``float32``, a
+name or a torch/NumPy dtype); the default is float64 on the CPU (the reference's answers) and float32 on CUDA.
 
-* ``numpy``: the reference itself, CPU only.
-* ``torch``: ``backends/torch/``, devices ``cpu``, ``cuda``, ``cuda:N``.
-* ``cupy``: ``backends/cupy/``, devices ``cuda``, ``cuda:N``.
+* ``numpy``: the fast path on NumPy, CPU only (the command line's default);
+* ``torch``: the fast path on torch, devices ``cpu``, ``cuda``, ``cuda:N``;
+* ``cupy``: the fast path on CuPy, devices ``cuda``, ``cuda:N``;
+* ``reference``: the plain reference :func:`armor_ref.factorization.factorize` itself (slow; for checking).
 
 Nothing is imported until asked for: a missing library or GPU raises :class:`BackendUnavailable` with the reason.
 """
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable
+from typing import Any
 
-BACKENDS = ("numpy", "torch", "cupy")
+BACKENDS = ("numpy", "torch", "cupy", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -37,9 +43,16 @@ def _cuda_index(device: str) -> int | None:
     raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
-def _torch_factorize(device: str) -> Callable:
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules (made unimportable on purpose)
+        return False
+
+
+def _check_torch(device: str) -> None:
     index = _cuda_index(device)
-    if importlib.util.find_spec("torch") is None:
+    if not _installed("torch"):
         raise BackendUnavailable("the torch backend needs torch: pip install -e '.[torch]'")
     import torch
 
@@ -50,16 +63,13 @@ def _torch_factorize(device: str) -> Callable:
             )
         if index >= torch.cuda.device_count():
             raise BackendUnavailable(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    from .torch.factorization import factorize
-
-    return functools.wraps(factorize)(functools.partial(factorize, device=device))
 
 
-def _cupy_factorize(device: str) -> Callable:
+def _check_cupy(device: str) -> int:
     index = _cuda_index(device)
     if index is None:
-        raise BackendUnavailable("the cupy backend runs on CUDA only; use --device cuda, or --backend torch for cpu")
-    if importlib.util.find_spec("cupy") is None:
+        raise BackendUnavailable("the cupy backend runs on CUDA only; use --device cuda, or --backend numpy for cpu")
+    if not _installed("cupy"):
         raise BackendUnavailable("the cupy backend needs CuPy and an NVIDIA GPU: pip install -e '.[cupy]'")
     try:
         import cupy
@@ -69,21 +79,43 @@ def _cupy_factorize(device: str) -> Callable:
         raise BackendUnavailable(f"CuPy is installed but finds no usable CUDA GPU: {exc}") from None
     if index >= count:
         raise BackendUnavailable(f"device {device!r}: only {count} CUDA device(s) present")
-    from .cupy.factorization import factorize
+    return index
 
-    return functools.wraps(factorize)(functools.partial(factorize, device=index))
+
+def _with_threads(factorize: Callable) -> Callable:
+    """The reference's ``factorize`` with the fast path's ``threads`` keyword (the reference knows nothing of
+    threads)."""
+
+    @functools.wraps(factorize)
+    def run(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        from .threads import limit_threads
+
+        with limit_threads(threads):
+            return factorize(*args, **kwargs)
+
+    signature = inspect.signature(factorize)
+    threads = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None")
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), threads])  # type: ignore[attr-defined]
+    return run
 
 
 def get_factorize(backend: str = "numpy", device: str = "cpu") -> Callable:
     """The ``factorize`` function of ``backend`` on ``device`` (see the module docstring)."""
-    if backend == "numpy":
-        if device != "cpu":
-            raise BackendUnavailable("the numpy backend runs on the CPU only; use --backend torch or cupy for cuda")
-        from armor_ref.factorization import factorize
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend in ("numpy", "reference") and device != "cpu":
+        raise BackendUnavailable(f"the {backend} backend runs on the CPU only; use --backend torch or cupy for cuda")
+    if backend == "reference":
+        from armor_ref.factorization import factorize as reference_factorize
 
-        return factorize
+        return _with_threads(reference_factorize)
     if backend == "torch":
-        return _torch_factorize(device)
-    if backend == "cupy":
-        return _cupy_factorize(device)
-    raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        _check_torch(device)
+        library_device: str | int | None = device
+    elif backend == "cupy":
+        library_device = _check_cupy(device)
+    else:
+        library_device = None
+    from .factorization import factorize
+
+    return functools.wraps(factorize)(functools.partial(factorize, library=backend, device=library_device))

@@ -9,7 +9,7 @@ are Gaussian with log-normal row scales. These are for timing and memory, not fo
 For every shape: SparseGPT time (torch, GPU); then ``factorize`` at default settings (hessian proxy, SparseGPT start,
 20 sweeps, block 32) with the time of every sweep, the time at which the loss first comes within 1 % of the final
 (default-settings) loss, and the peak GPU memory (``torch.cuda.max_memory_allocated``). The run's final loss is the
-reference's default-settings loss up to float32 round-off (same algorithm, same schedule; see backends/torch).
+reference's default-settings loss up to float32 round-off (same algorithm, same schedule; see backends/).
 Run on a GPU machine from the repository root::
 
     python benchmarks/gpu_factorize.py [--shapes 4096x11008,...] [--proxy hessian] [--sweeps N]
@@ -73,8 +73,8 @@ def gpu_info() -> dict:
 
 
 def run_shape(d_out: int, d_in: int, proxy: str, sweeps: int | None, device: torch.device) -> dict:
-    from backends.torch.baselines import prune_sparsegpt
-    from backends.torch.factorization import factorize
+    from backends.baselines import prune_sparsegpt
+    from backends.factorization import factorize
 
     t0 = time.perf_counter()
     gram = synthetic_gram(d_in, SEQUENCES * SEQLEN, device)
@@ -99,7 +99,9 @@ def run_shape(d_out: int, d_in: int, proxy: str, sweeps: int | None, device: tor
         stamps.append((sweep, time.perf_counter() - t0, loss))
         print(f"    sweep {sweep:3d}  {stamps[-1][1]:8.1f} s  loss {loss:.6g}", flush=True)
 
-    result = factorize(W, gram.numpy(), proxy=proxy, sweeps=sweeps, device=device, on_sweep=on_sweep)
+    result = factorize(
+        W, gram.numpy(), proxy=proxy, sweeps=sweeps, library="torch", device=str(device), on_sweep=on_sweep
+    )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()

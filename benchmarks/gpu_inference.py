@@ -70,8 +70,8 @@ def gpu_info() -> dict:
 
 
 def run_shape(d_out: int, d_in: int, reps: int) -> list[dict]:
+    from backends.masks import select_2of4
     from backends.torch.inference import ArmorLinear
-    from backends.torch.masks import select_2of4
 
     dev, dt = torch.device("cuda"), torch.float16
     g = torch.Generator(device=dev).manual_seed(0)

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -101,8 +103,7 @@ def test_discrete_step_leaves_no_improvable_group_at_a_fixed_point():
             if F.discrete_step(problem, f, rng) == 0:
                 break
         G = problem.times_H(problem.target - f.W_hat())
-        tables = F.group_tables(f.B, F.diagonal_blocks(problem.H, 8))
-        assert not F.improvable_groups(problem, f, G, tables).any()
+        assert not F.improvable_groups(f, G, F.all_group_tables(problem, f)).any()
 
 
 def test_adam_schedule_returns_its_best_iterate():
@@ -125,3 +126,55 @@ def test_bad_shapes_are_refused(shape, block, message):
     W = np.ones(shape)
     with pytest.raises(ValueError, match=message):
         F.factorize(W, np.eye(shape[1]), block_size=block)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tol": -1e-3}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"tol": float("inf")}, "tol"),
+        ({"sweeps": -1}, "sweeps"),
+        ({"sweeps": 2.5}, "sweeps"),
+        ({"proxy": "l2"}, "unknown proxy"),
+    ],
+)
+def test_bad_budget_or_settings_are_refused(settings, message):
+    W, H = make_layer(d_out=16, d_in=32)
+    with pytest.raises(ValueError, match=message):
+        F.factorize(W, H, block_size=8, **settings)
+
+
+def test_non_finite_inputs_are_refused():
+    W, H = make_layer(d_out=16, d_in=32)
+    W[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        F.factorize(W, H, block_size=8)
+
+
+def test_the_trace_is_what_the_steps_did(monkeypatch):
+    """Nothing is undone: every entry of the trace is the loss right after that step, also when a step raises it
+    (here a deliberately bad core step that doubles the core), and entries carry sweep, step and loss only."""
+    W, H = make_layer(d_out=16, d_in=32, seed=6)
+    problem = make_problem(W, H, "hessian")
+    S, M = run_baseline("sparsegpt", W, H)
+    f = F.initial_factors(problem, S, M, 8)
+    seen = []
+
+    def recorded(name, step):
+        def wrapped(*args):
+            step(*args)
+            seen.append((name, problem.loss(f.W_hat())))
+
+        return wrapped
+
+    def doubling_core_step(problem, f):
+        f.S *= 2.0
+
+    steps = {"A": F.a_step, "B": F.b_step, "core": doubling_core_step, "discrete": F.discrete_step}
+    for name, fn in zip(steps, ("a_step", "b_step", "core_values_step", "discrete_step"), strict=True):
+        monkeypatch.setattr(F, fn, recorded(name, steps[name]))
+    trace, done = F.run_bcd(problem, f, 2, 0.0, np.random.default_rng(0))
+    assert [(e["step"], e["loss"]) for e in trace[1:]] == seen and len(seen) == 4 * done
+    assert all(cur["loss"] > prev["loss"] for prev, cur in itertools.pairwise(trace) if cur["step"] == "core")
+    assert all(set(e) == {"sweep", "step", "loss"} for e in trace)

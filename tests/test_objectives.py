@@ -63,3 +63,16 @@ def test_problem_losses_equal_the_proxies():
     np.testing.assert_allclose(p.to_layer(p.to_target_space(W_hat)), W_hat)
     q = make_problem(W, H, "hessian", damping=0.01)
     assert np.isclose(q.loss(W_hat), hessian_loss(W, W_hat, damped(H, 0.01)))
+
+
+def test_relative_output_error_is_nan_when_undefined():
+    """0/0 (a zero layer, or no calibration signal) and a non-finite denominator give NaN, never 0.0."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((20, 8))
+    W_hat = rng.standard_normal((4, 8))
+    assert np.isnan(relative_output_error(np.zeros((4, 8)), W_hat, gram_matrix(X)))
+    assert np.isnan(relative_output_error(rng.standard_normal((4, 8)), W_hat, np.zeros((8, 8))))
+    H = gram_matrix(X)
+    H[0, 0] = np.inf
+    assert np.isnan(relative_output_error(rng.standard_normal((4, 8)), W_hat, H))
+    assert np.isfinite(relative_output_error(rng.standard_normal((4, 8)), W_hat, gram_matrix(X)))

@@ -21,7 +21,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from armor_ref.baselines import BASELINES, run_baseline
 from armor_ref.factorization import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_INIT,
@@ -31,8 +30,10 @@ from armor_ref.factorization import (
     check_shapes,
 )
 from armor_ref.masks import GROUP, has_two_per_group, is_2of4
-from armor_ref.objectives import DEFAULT_DAMPING, PROXIES, nowag_loss
+from armor_ref.objectives import DEFAULT_DAMPING, PROXIES
 from backends import BACKENDS, BackendUnavailable, get_factorize
+from backends.baselines import BASELINES, run_baseline
+from backends.objectives import nowag_loss
 
 from .armor_format import (
     ARMOR_FORMAT,
@@ -44,7 +45,7 @@ from .armor_format import (
     save_armor,
 )
 from .calibration import load_calibration, load_calibrations
-from .cli_model import register_model_commands
+from .cli_model import register_model_commands, threads_option
 from .errors import EXIT_CODES_HELP, EXIT_FAILURE, ArmorError, os_error_message
 from .files import read_safetensors, read_safetensors_header, write_json, write_safetensors
 from .manifest import verify_file, verify_run
@@ -55,7 +56,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEMO_WEIGHTS = DATA_DIR / "minilm_qkv.safetensors"
 DEMO_CALIB = DATA_DIR / "minilm_calib.npy"
 DEMO_HELDOUT = DATA_DIR / "minilm_heldout.npy"
-DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets: about 10 s of CPU time with one BLAS thread
+DEMO_SWEEPS = {"nowag": 8, "hessian": 4}  # small budgets, a few seconds of CPU time (see `armor-ref demo --help`)
+BACKEND_HELP = "numpy: the fast path on the CPU; torch: cpu or cuda; cupy: cuda; reference: the plain reference (slow)."
 DEMO_COLUMNS = """Columns of the tables above (rows: the four 2:4 baselines, then ARMOR with each objective and its
 sweep budget, sw):
   nowag loss     the paper's proxy loss, sum_ij h_j (W_ij - Ŵ_ij)² on row/column-normalised weights, h_j the
@@ -250,6 +252,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
 # factorize
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.argument("weights", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -338,7 +341,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSON report [default: next to the output, .report.json].",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True, help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N for GPU backends.")
 def factorize(
     weights: Path,
@@ -503,6 +506,7 @@ def factorize_table(name: str, entry: dict) -> str:
 # prune
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.argument("weights", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -791,6 +795,7 @@ def write_dense_directory(directory: Path, output: Path) -> None:
 # demo
 # ----------------------------------------------------------------------------------------------------------
 @cli.command()
+@threads_option
 @click.option(
     "--tensors",
     "patterns",
@@ -815,7 +820,7 @@ def write_dense_directory(directory: Path, output: Path) -> None:
 )
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True, help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True)
 def demo(
     patterns: tuple[str, ...],
@@ -833,9 +838,10 @@ def demo(
     held-out tokens from standard-library docstrings. For each weight it prints the nowag loss and the
     relative output error on calibration and held-out tokens of magnitude, Wanda, NoWag-P, SparseGPT,
     ARMOR (nowag proxy, from NoWag-P) and ARMOR (hessian objective, from SparseGPT). The sweep budgets are
-    kept small: about 10 s of CPU time with one BLAS thread. Wall time depends on the machine and its load: BLAS
-    threads competing with other work for few cores can make it several times slower, so on a busy or small
-    machine run it with OPENBLAS_NUM_THREADS=1.
+    kept small: about 5 s of CPU time with --threads 1. Wall time depends on the machine, its load and the
+    threads: --threads sets the CPU threads (by default the cores the load average does not show busy); threads
+    competing with other work for few cores can make it ten times slower (measured: 5.6 s with --threads 1, 57 s
+    with --threads 2, on a 2-core machine already running other work).
 
     \b
     Examples:

@@ -9,14 +9,43 @@ torch and transformers are imported only when a command runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import click
+
+from backends.threads import limit_threads
 
 from .compress import METHODS, CompressSettings
 from .errors import EXIT_CODES_HELP
 from .report import compression_table, format_table
+
+
+def threads_option(command: Callable | None = None, *, torch: bool = False) -> Any:
+    """Give a command ``--threads N`` and run it with N BLAS and torch threads (``backends.threads``). The default
+    is the free cores (those the load average does not show busy), so a busy machine is never oversubscribed.
+    ``torch=True`` imports torch first, so that its forward passes are limited too."""
+
+    def decorate(fn: Callable) -> Callable:
+        @click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CPU threads for BLAS and torch [default: the cores not busy, by the load average].",
+        )
+        @functools.wraps(fn)
+        def run(*args: Any, threads: int | None, **kwargs: Any) -> Any:
+            if torch:
+                import torch as _  # noqa: F401  (so that limit_threads sets its intra-op threads)
+            with limit_threads(threads):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate(command) if command is not None else decorate
 
 
 def _init_distributed(device: str) -> None:
@@ -34,6 +63,7 @@ def _init_distributed(device: str) -> None:
 
 
 @click.command("compress", epilog=EXIT_CODES_HELP)
+@threads_option(torch=True)
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option(
     "-o",
@@ -53,7 +83,8 @@ def _init_distributed(device: str) -> None:
     "--backend",
     default="numpy",
     show_default=True,
-    help="Factorization backend: numpy (the reference, CPU), torch (CPU or CUDA), cupy (CUDA).",
+    help="Factorization backend: numpy (the fast path on NumPy, CPU), torch (CPU or CUDA), cupy (CUDA), "
+    "reference (the plain reference, slow).",
 )
 @click.option(
     "--device",

@@ -58,9 +58,9 @@ from typing import Any
 
 import numpy as np
 
-from armor_ref.baselines import BASELINES, run_baseline
 from armor_ref.factorization import check_shapes, reconstruct
-from armor_ref.objectives import hessian_loss, nowag_loss
+from backends.baselines import BASELINES, run_baseline
+from backends.objectives import hessian_loss, nowag_loss
 
 from .armor_format import armor_metadata, armor_tensors
 from .calibration import check_gram

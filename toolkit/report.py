@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from armor_ref.baselines import BASELINES, run_baseline
-from armor_ref.objectives import make_problem, nowag_loss, relative_output_error
+from backends.baselines import BASELINES, run_baseline
+from backends.objectives import make_problem, nowag_loss, relative_output_error
 
 from .errors import ArmorError
 

@@ -1,5 +1,8 @@
 """Deliberately wrong updates, for the mutation tests: each breaks one lemma of PROOF.md in a way that a
-plausible coding slip would. The suite's checkers must notice every one of them."""
+plausible coding slip would. The suite's checkers must notice every one of them, step by step and in whole runs.
+
+The reference functions a mutant builds on are imported here, once: a test may monkeypatch a mutant into
+:mod:`armor_ref.factorization` under the very name it wraps, and the mutant must still reach the original."""
 
 from __future__ import annotations
 
@@ -7,7 +10,14 @@ import dataclasses
 
 import numpy as np
 
-from armor_ref.factorization import Factors, blockdiag_left, blockdiag_right, psd_pinv
+from armor_ref.factorization import (
+    Factors,
+    blockdiag_left,
+    blockdiag_right,
+    core_values_step,
+    psd_pinv,
+    update_group,
+)
 from armor_ref.objectives import Problem
 
 
@@ -61,19 +71,13 @@ def a_step_without_H(problem: Problem, f: Factors) -> None:
 
 def core_step_without_H(problem: Problem, f: Factors) -> None:
     """The reference core step, run to convergence, on the loss with ``H`` replaced by ``I`` (``H`` forgotten)."""
-    from armor_ref.factorization import core_values_step
-
     forgetful = dataclasses.replace(problem, H=np.eye(problem.H.shape[0]))
     core_values_step(forgetful, f, max_iter=20 * f.M.size, rtol=1e-15)
 
 
-def update_groups_sign_slip(
-    f: Factors, G_tiles: np.ndarray, tables: object, ks: slice, p: np.ndarray, g: np.ndarray
-) -> int:
-    """The reference ``update_groups`` fed the residual with the wrong sign (``(Ŵ − T) H``)."""
-    from armor_ref import factorization
-
-    flipped = -G_tiles
-    changed = factorization.update_groups(f, flipped, tables, ks, p, g)
-    G_tiles[:] = -flipped
+def update_group_sign_slip(f: Factors, G_tile: np.ndarray, tables: object, r: int, k: int, p: int, g: int) -> bool:
+    """The reference ``update_group`` fed the residual with the wrong sign (``(Ŵ − T) H``)."""
+    flipped = -G_tile
+    changed = update_group(f, flipped, tables, r, k, p, g)
+    G_tile[:] = -flipped
     return changed

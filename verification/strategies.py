@@ -113,17 +113,19 @@ def layer_specs(
     block_sizes: tuple[int, ...] = BLOCK_SIZES,
     max_blocks: int = 4,
     hard: bool = True,
+    min_blocks: int = 1,
 ) -> LayerSpec:
     """Draw a :class:`LayerSpec` with both dimensions ``≤ max_dim`` and a block size from ``block_sizes``.
 
-    The block size ``b`` comes first; the dimensions are ``b`` times a drawn number of blocks, so ``b`` always
-    divides both and ``d_out != d_in`` happens often. With ``hard=False`` only the shape is drawn.
+    The block size ``b`` comes first; the dimensions are ``b`` times a drawn number of blocks (``min_blocks`` to
+    ``max_blocks``), so ``b`` always divides both and ``d_out != d_in`` happens often. With ``hard=False`` only the
+    shape is drawn: a plain Gaussian layer with twice as many calibration rows as inputs.
     """
-    usable = [b for b in block_sizes if b <= max_dim]
+    usable = [b for b in block_sizes if min_blocks * b <= max_dim]
     b = draw(st.sampled_from(usable))
-    most = max(1, min(max_blocks, max_dim // b))
-    d_out = b * draw(st.integers(1, most))
-    d_in = b * draw(st.integers(1, most))
+    most = max(min_blocks, min(max_blocks, max_dim // b))
+    d_out = b * draw(st.integers(min_blocks, most))
+    d_in = b * draw(st.integers(min_blocks, most))
     seed = draw(st.integers(0, 2**32 - 1))
     if not hard:
         return LayerSpec(seed=seed, d_out=d_out, d_in=d_in, block_size=b)

@@ -73,20 +73,29 @@ def test_discrete_checker_catches_sign_slip(proxy: str) -> None:
         nk = ks.stop - ks.start
         p, g = np.full((R, nk), 3), np.full((R, nk), 1)
         assert check_discrete_batch(problem, f, ks, p, g) == []  # control
-        caught.append(bool(check_discrete_batch(problem, f, ks, p, g, update=mutants.update_groups_sign_slip)))
+        caught.append(bool(check_discrete_batch(problem, f, ks, p, g, update=mutants.update_group_sign_slip)))
     assert all(caught)
 
 
-@pytest.mark.parametrize(
-    ("proxy", "name", "mutant"),
-    [("nowag", "b_step", mutants.b_step_weights_left_in), ("hessian", "b_step", mutants.b_step_without_Hkk_inverse)],
-)
-def test_whole_run_checker_catches_mutant(
-    monkeypatch: pytest.MonkeyPatch, proxy: str, name: str, mutant: Callable
-) -> None:
-    """End to end: with the wrong B-step patched into ``factorize``, the result checker (non-increasing trace,
-    ARMOR ≤ baseline) reports a violation; without it, it does not."""
-    layer = SPECS[0].build()
+#: every mutant patched into the reference under the name it replaces, and the trace step it corrupts
+WHOLE_RUN_MUTANTS = [
+    ("nowag", "b_step", "B", mutants.b_step_weights_left_in),
+    ("hessian", "b_step", "B", mutants.b_step_unweighted),
+    ("hessian", "b_step", "B", mutants.b_step_without_Hkk_inverse),
+    ("nowag", "a_step", "A", mutants.a_step_without_H),
+    ("hessian", "a_step", "A", mutants.a_step_without_H),
+    ("nowag", "core_values_step", "core", mutants.core_step_without_H),
+    ("hessian", "core_values_step", "core", mutants.core_step_without_H),
+    ("nowag", "update_group", "discrete", mutants.update_group_sign_slip),
+    ("hessian", "update_group", "discrete", mutants.update_group_sign_slip),
+]
+WHOLE_RUN_SWEEPS = 4
+
+
+def whole_run_reports(spec: LayerSpec, proxy: str) -> list[str]:
+    """``check_result`` of a ``factorize`` run (``WHOLE_RUN_SWEEPS`` sweeps, ``tol = 0``) on ``spec``'s layer, with
+    the proxy loss computed from :mod:`armor_ref.objectives` directly."""
+    layer = spec.build()
     if proxy == "nowag":
 
         def loss(W_hat: np.ndarray) -> float:
@@ -97,10 +106,41 @@ def test_whole_run_checker_catches_mutant(
         def loss(W_hat: np.ndarray) -> float:
             return hessian_loss(layer.W, W_hat, H)
 
-    def run() -> list[str]:
-        result = factorization.factorize(layer.W, layer.gram, proxy, block_size=8, sweeps=2, tol=0.0)
-        return check_result(result, loss)
+    result = factorization.factorize(
+        layer.W, layer.gram, proxy, block_size=spec.block_size, sweeps=WHOLE_RUN_SWEEPS, tol=0.0
+    )
+    return check_result(result, loss)
 
-    assert run() == []
+
+@pytest.mark.parametrize("proxy", ["nowag", "hessian"])
+def test_whole_run_checker_passes_the_reference(proxy: str) -> None:
+    """The control of the test below: the unmodified reference, same layers, same checker, nothing reported."""
+    for spec in SPECS:
+        assert whole_run_reports(spec, proxy) == []
+
+
+@pytest.mark.parametrize(
+    ("proxy", "name", "step", "mutant"), WHOLE_RUN_MUTANTS, ids=lambda x: getattr(x, "__name__", x)
+)
+def test_whole_run_checker_catches_mutant(
+    monkeypatch: pytest.MonkeyPatch, proxy: str, name: str, step: str, mutant: Callable
+) -> None:
+    """End to end: with the wrong step patched into ``armor_ref.factorization``, the result checker (the trace never
+    rises, ARMOR ≤ its baseline, the reported loss is the true one) reports a violation on every layer, and one
+    that names the patched step. Nothing is undone in the reference, so a wrong step shows in the trace."""
     monkeypatch.setattr(factorization, name, mutant)
-    assert run() != []
+    for spec in SPECS:
+        reports = whole_run_reports(spec, proxy)
+        assert any(f"step {step}:" in line for line in reports), f"{mutant.__name__} not caught on {spec}: {reports}"
+
+
+def test_every_mutant_is_tried_step_by_step_and_end_to_end() -> None:
+    """Each function in :mod:`verification.mutants` has a step-level test and a whole-run test above."""
+    defined = {
+        name
+        for name, value in vars(mutants).items()
+        if callable(value) and getattr(value, "__module__", "") == mutants.__name__ and not name.startswith("_")
+    }
+    step_level = {m.__name__ for _, _, m in STEP_MUTANTS} | {mutants.update_group_sign_slip.__name__}
+    end_to_end = {m.__name__ for *_, m in WHOLE_RUN_MUTANTS}
+    assert defined == step_level == end_to_end

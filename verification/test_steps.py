@@ -6,18 +6,22 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from armor_ref.baselines import run_baseline
-from armor_ref.factorization import Factors, a_step, b_step, initial_factors
+from armor_ref.factorization import Factors, a_step, b_step, core_values_step, factorize, initial_factors
 from armor_ref.masks import SUPPORTS
 from armor_ref.objectives import make_problem
 from verification.checkers import (
+    MONOTONE_RTOL,
+    NOISE_FLOOR,
     check_a_step,
     check_b_step,
     check_core_step,
     check_discrete_batch,
+    check_trace_monotone,
     perturbed,
 )
 from verification.compat import support_costs
@@ -54,9 +58,7 @@ def test_core_values_step_is_exact_minimiser(spec: LayerSpec, proxy: str) -> Non
 
 @given(spec=layer_specs(max_dim=64), proxy=proxies)
 def test_default_core_values_step_never_increases_the_loss(spec: LayerSpec, proxy: str) -> None:
-    """The budgeted CG (50 iterations, the schedule's default) need not converge, but never increases L."""
-    from armor_ref.factorization import core_values_step
-
+    """The budgeted CG (``CORE_CG_ITERATIONS``, the schedule's default) need not converge, but never increases L."""
     problem, f = generic_point(spec, proxy)
     assert check_core_step(problem, f, step=core_values_step, exact=False) == []
 
@@ -64,7 +66,7 @@ def test_default_core_values_step_never_increases_the_loss(spec: LayerSpec, prox
 @scaled(0.5)
 @given(spec=layer_specs(max_dim=32, block_sizes=(4, 8, 16)), proxy=proxies, data=st.data())
 def test_discrete_batch_picks_best_support(spec: LayerSpec, proxy: str, data: st.DataObject) -> None:
-    """One batch of ``update_groups`` (one group per tile: nowag all column blocks, hessian one) against brute
+    """One batch of ``update_group`` calls (one group per tile: nowag all column blocks, hessian one) against brute
     force over the 6 supports, at a generic point after an A- and B-step (so the wrappers are not identity)."""
     problem, f = generic_point(spec, proxy)
     a_step(problem, f)
@@ -129,27 +131,16 @@ EXACT_FIT = LayerSpec(
 )
 
 
-def test_a_step_at_an_exact_fit_rises_by_rounding_only() -> None:
-    """At an exact fit the A-step can raise the loss by rounding: from 3.5e-18 to 3.9e-14 here, while the data's
-    scale L(0) is 2.3e4. The rise stays below the documented floor (1e-16 · L(0))."""
-    from armor_ref.factorization import factorize
-
+def test_steps_at_an_exact_fit_rise_by_rounding_only() -> None:
+    """At an exact fit the computed loss is rounding noise, and a step can raise it: with the reference (which undoes
+    nothing) the B-step of sweep 1 moves the loss from 2.8e-23 to 3.3e-23 here, while the data's scale L(0) is
+    2.3e4. Every rise of the trace stays below the documented floor ``NOISE_FLOOR · L(0)``, and the run really is
+    at an exact fit (so this is the regime the floor is for)."""
     layer = EXACT_FIT.build()
     result = factorize(layer.W, layer.gram, "nowag", init="sparsegpt", block_size=16, sweeps=2, tol=0.0)
     L0 = make_problem(layer.W, layer.gram, "nowag").loss(np.zeros_like(layer.W))
-    rises = [cur["loss"] - prev["loss"] for prev, cur in zip(result.trace, result.trace[1:], strict=False)]
-    assert max(rises) <= 1e-16 * L0
-
-
-def test_a_step_is_strictly_monotone_at_an_exact_fit() -> None:
-    """The strict, floor-free version at an exact fit, where rounding can raise a step's computed loss: the
-    trace still never increases, because ``run_bcd`` undoes such a step (recorded as ``reverted``)."""
-    from armor_ref.factorization import factorize
-
-    layer = EXACT_FIT.build()
-    result = factorize(layer.W, layer.gram, "nowag", init="sparsegpt", block_size=16, sweeps=2, tol=0.0)
-    losses = [e["loss"] for e in result.trace]
-    assert all(b <= a for a, b in itertools.pairwise(losses))
+    assert result.loss <= 1e-20 * L0
+    assert check_trace_monotone(result.trace, rtol=0.0, atol=NOISE_FLOOR * L0) == []
 
 
 #: found by the thorough profile: rank-1 calibration, Cauchy weights; B grows to 8e4 and P_r H P_rᵀ has κ ≈ 1e12
@@ -166,14 +157,28 @@ SQUARED_KAPPA = LayerSpec(
 )
 
 
-def test_a_step_monotone_when_normal_equations_are_ill_conditioned() -> None:
-    """Once a reproducer of a rise (the A-step then solved the normal equations ``P_r H P_rᵀ``, squaring κ to
-    ~1e12): the A-step is now a least-squares solve on ``P_r F``, and the computed trace never increases."""
-    from armor_ref.factorization import factorize
-
+def squared_kappa_trace() -> tuple[list[dict], float]:
     layer = SQUARED_KAPPA.build()
     result = factorize(layer.W, layer.gram, "hessian", init="nowag-p", block_size=16, sweeps=2, tol=0.0)
-    L0 = make_problem(layer.W, layer.gram, "hessian").loss(np.zeros_like(layer.W))
-    losses = [e["loss"] for e in result.trace]
-    assert all(b <= a for a, b in itertools.pairwise(losses))
-    assert result.loss <= 1e-12 * L0
+    return result.trace, make_problem(layer.W, layer.gram, "hessian").loss(np.zeros_like(layer.W))
+
+
+def test_least_squares_a_and_b_steps_monotone_when_normal_equations_are_ill_conditioned() -> None:
+    """Once a reproducer of an A-step rise of 1e-13 · L(0) (the A-step then solved the normal equations
+    ``P_r H P_rᵀ``, squaring κ to ~1e12). The A- and B-steps are now least-squares solves on ``P_r F`` and ``Q_k``:
+    none of them raises the computed loss here, not even by rounding, and the run reaches an exact fit."""
+    trace, L0 = squared_kappa_trace()
+    for prev, cur in itertools.pairwise(trace):
+        if cur["step"] in ("A", "B"):
+            assert cur["loss"] <= prev["loss"], cur
+    assert min(e["loss"] for e in trace) <= 1e-20 * L0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: the core step's CG works on the normal equations and, at this ill-conditioned exact fit, "
+    "raises the computed loss by 9e-15 · L(0) (above the floor); see PROOF.md, Tolerances",
+)
+def test_core_step_monotone_when_normal_equations_are_ill_conditioned() -> None:
+    trace, L0 = squared_kappa_trace()
+    assert check_trace_monotone(trace, rtol=MONOTONE_RTOL, atol=NOISE_FLOOR * L0) == []
