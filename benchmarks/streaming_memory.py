@@ -53,7 +53,7 @@ def report(**extra):
 CHILDREN = {
     "import": "report()",
     "load whole model": """
-model, _ = toolkit.models.load_dense_model(sys.argv[1])
+model = toolkit.models.load_model(sys.argv[1])
 report(parameters=sum(p.numel() for p in model.parameters()))
 """,
     "compress (streamed)": """

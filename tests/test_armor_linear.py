@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from armor_ref.factorization import factorize  # noqa: E402
 from armor_ref.masks import pack_2of4  # noqa: E402
 from armor_ref.objectives import gram_matrix  # noqa: E402
-from backends.torch.inference import ArmorLinear, semi_structured_supported  # noqa: E402
+from backends.torch.inference import ArmorLinear, pack_core, semi_structured_supported, unpack_core  # noqa: E402
 
 D_OUT, D_IN, BLOCK = 32, 64, 16
 
@@ -98,6 +98,71 @@ def test_weight_bytes_counts_every_factor(layer):
     linear, result = layer
     module = ArmorLinear.from_result(linear, result)
     assert module.weight_bytes() == 4 * (D_OUT * D_IN + (D_OUT + D_IN) * BLOCK + D_OUT)
+
+
+def test_state_dict_is_the_exported_format_and_loads_into_a_placeholder(layer):
+    """The state dict holds spec §6's tensors (what compress writes for this layer, bit for bit); an empty
+    placeholder filled from it computes the same outputs."""
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    state = module.state_dict()
+    assert sorted(state) == ["armor.A", "armor.B", "armor.index", "armor.values", "bias"]
+    values, index = pack_2of4(result.S, result.M)
+    np.testing.assert_array_equal(state["armor.values"].numpy(), values.astype(np.float32))
+    np.testing.assert_array_equal(state["armor.index"].numpy(), index)
+    assert state["armor.index"].dtype == torch.uint8
+    empty = ArmorLinear.empty(D_OUT, D_IN, BLOCK, bias=True, dtype=torch.float32, device="cpu")
+    assert sorted(empty.state_dict()) == sorted(state) and empty.armor.packed
+    empty.load_state_dict(state)
+    assert not empty.armor.packed
+    x = torch.randn(6, D_IN)
+    torch.testing.assert_close(empty(x), module(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        ArmorLinear.empty(D_OUT, D_IN, 12, bias=False, dtype=torch.float32)
+
+
+def test_packing_a_core_with_kept_zeros_keeps_the_core(layer):
+    """A kept value that is exactly 0 makes the kept positions ambiguous; packing picks valid ones and the core
+    (so Ŵ) comes back unchanged. A core with 3 non-zeros in a group is refused."""
+    _, result = layer
+    core = torch.from_numpy(result.S * result.M).float()
+    core[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5])  # one non-zero left in the first group
+    values, index = pack_core(core)
+    torch.testing.assert_close(unpack_core(values, index), core, rtol=0, atol=0)
+    core[1, :4] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(ValueError, match="not 2:4"):
+        pack_core(core)
+
+
+def test_forward_with_autograd_matches_the_dense_layer(layer):
+    """With autograd on, gradients reach the input and equal those of the dense ``Ŵ x + bias``; outputs equal the
+    no-grad fast path's."""
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    W_hat = torch.from_numpy(result.W_hat()).float()
+    x = torch.randn(3, 5, D_IN, requires_grad=True)
+    y = module(x)
+    assert y.requires_grad
+    (y * torch.arange(D_OUT)).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(x_ref, W_hat, linear.bias.detach()) * torch.arange(D_OUT)).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), y.detach(), rtol=0, atol=0)
+
+
+def test_moving_and_casting_keep_the_layer(layer):
+    """``.to(dtype)`` / ``.half()`` cast every factor and the core (re-placed: dense off CUDA)."""
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    expected = x @ torch.from_numpy(result.W_hat()).T + linear.bias.detach().double()
+    module.to(torch.float64)
+    assert module.core.dtype == module.A.dtype == torch.float64 and not module.sparse
+    torch.testing.assert_close(module(x), expected, rtol=1e-6, atol=1e-6)
+    module.half()
+    assert module.core.dtype == torch.float16 and module.bias.dtype == torch.float16
+    torch.testing.assert_close(module(x.float()), expected.float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

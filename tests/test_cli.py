@@ -145,13 +145,41 @@ def test_dead_input_channels_and_fewer_rows_than_inputs_are_legal(tmp_path, prox
 
 
 def test_factorize_with_npz_gram_calibration(small_model):
+    """A selected tensor without calibration is an error naming it (nothing written); leaving it out with
+    --tensors factorizes the rest."""
     npz = small_model.dir / "calib.npz"
     np.savez(npz, **{"l2.weight.gram": gram_matrix(small_model.X)})
+    before = snapshot(small_model.dir)
     result = run("factorize", small_model.weights, "--calib", npz, *FAST)
+    assert_clean_failure(result, "no calibration for 1 of the 2 selected tensor(s): l1.weight 64x128")
+    assert "--tensors" in result.stderr and snapshot(small_model.dir) == before
+    result = run("factorize", small_model.weights, "--calib", npz, *FAST, "--tensors", "l2.*")
     assert result.exit_code == 0, result.output
     assert "calibration=Gram matrix" in result.stdout
-    assert "skipped l1.weight" in result.stderr
     assert load_armor(small_model.dir / "model.armor.safetensors").names == ["l2.weight"]
+
+
+def test_repeated_calib_files_are_merged_and_an_overlap_is_refused(small_model):
+    """Two files calibrating different tensors give the result of one file calibrating both; two files
+    calibrating the same tensor are refused with a one-line error naming both."""
+    d = small_model.dir
+    np.savez(d / "l1.npz", **{"l1.weight": small_model.X})
+    np.savez(d / "l2.npz", **{"l2.weight.gram": gram_matrix(small_model.X)})
+    np.savez(d / "both.npz", **{"l1.weight": small_model.X, "l2.weight.gram": gram_matrix(small_model.X)})
+    merged, single = d / "merged.safetensors", d / "single.safetensors"
+    two = ["--calib", d / "l1.npz", "--calib", d / "l2.npz"]
+    assert run("factorize", small_model.weights, *two, *FAST, "-o", merged).exit_code == 0
+    assert run("factorize", small_model.weights, "--calib", d / "both.npz", *FAST, "-o", single).exit_code == 0
+    a, b = load_armor(merged), load_armor(single)
+    assert a.names == b.names == ["l1.weight", "l2.weight"]
+    for name in a.names:
+        np.testing.assert_array_equal(a.reconstruct(name), b.reconstruct(name))
+    report = json.loads((d / "merged.report.json").read_text())
+    assert report["calibration"] == [str(d / "l1.npz"), str(d / "l2.npz")]
+    before = snapshot(d)
+    result = run("factorize", small_model.weights, "--calib", d / "l1.npz", "--calib", d / "both.npz", *FAST)
+    assert_clean_failure(result, "tensor 'l1.weight' gets calibration from both")
+    assert snapshot(d) == before
 
 
 def test_factorize_reads_bfloat16_and_float16_weights(small_model):
@@ -233,17 +261,26 @@ def test_demo_runs_on_one_tensor_and_prints_the_comparison():
     assert "2048 calibration / 1024 held-out tokens" in text
     for word in ("magnitude", "wanda", "nowag-p", "sparsegpt", "ARMOR (nowag", "ARMOR (hessian", "Summary"):
         assert word in text
+    legend = text.split("Columns of the tables above")[1].split("Summary")[0]
+    for column in ("nowag loss", "calib out err", "held-out err", "seconds"):
+        assert column in legend  # every column of the tables is explained
     summary = text.split("Summary")[1].splitlines()
     row = next(line.split() for line in summary if line.strip().startswith("query"))
     loss_ratio, hessian_calib_ratio = float(row[1]), float(row[2])
     assert loss_ratio < 1 and hessian_calib_ratio < 1
 
 
-@pytest.mark.parametrize("command", ["factorize", "prune", "inspect", "reconstruct", "demo"])
+@pytest.mark.parametrize("command", ["factorize", "prune", "inspect", "reconstruct", "export-dense", "demo"])
 def test_every_command_has_a_teaching_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout and "armor-ref " + command in result.stdout
+
+
+def test_demo_help_promises_no_wall_time():
+    """The demo's speed depends on BLAS threads and load; its help says so instead of promising a minute."""
+    text = " ".join(run("demo", "--help").stdout.split())
+    assert "minute" not in text and "--threads 1" in text and "CPU time" in text and "slower" in text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,7 +342,7 @@ BAD_FACTORIZE = {
     "truncated": (_truncated, [], "truncated"),
     "1-D tensor selected": (lambda m: [], ["--tensors", "l1.bias"], "not a 2-D float matrix"),
     "unknown tensor selected": (lambda m: [], ["--tensors", "l9.weight"], "no tensor named"),
-    "width not divisible by 4": (_width_126, [], "not divisible by 4"),
+    "width not divisible by 4": (_width_126, ["--tensors", "l1.weight"], "not divisible by 4"),
     "block size does not divide": (lambda m: [], ["--block-size", "48"], "not divisible by block size 48"),
     "calibration width mismatch": (lambda m: np.save(m.calib, np.ones((10, 100))) or [], [], "dimension 100"),
     "NaN in weights": (_nan_weights, [], "NaN or Inf"),

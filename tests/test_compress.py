@@ -5,6 +5,7 @@ Tiny random models (2 blocks, hidden 64) built offline keep the whole file to ab
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from armor_ref.factorization import reconstruct  # noqa: E402
 from armor_ref.masks import unpack_2of4  # noqa: E402
 from toolkit.compress import CompressSettings, compress_model  # noqa: E402
 from toolkit.errors import ArmorError  # noqa: E402
-from toolkit.models import load_dense_model, load_model  # noqa: E402
+from toolkit.models import load_model  # noqa: E402
 
 FAST = {"nsamples": 8, "seqlen": 32, "block_size": 16, "sweeps": 2}
 
@@ -96,7 +97,7 @@ def test_armor_hessian_beats_its_sparsegpt_start_on_every_layer(bert_hessian):
 
 def test_loaded_model_uses_armor_linears_equal_to_the_saved_factors(workdir, bert_hessian):
     out, _ = bert_hessian
-    model, layout = load_model(str(out))
+    model = load_model(str(out))
     tensors = all_tensors(out)
     query = model.encoder.layer[1].attention.self.query
     assert type(query).__name__ == "ArmorLinear"
@@ -112,7 +113,7 @@ def test_loaded_model_uses_armor_linears_equal_to_the_saved_factors(workdir, ber
     with torch.no_grad():
         y = query(x).double().numpy()
     np.testing.assert_allclose(y, x.double().numpy() @ W_hat.T + tensors[f"{stem}.bias"], rtol=1e-4, atol=1e-5)
-    dense, _ = load_dense_model(str(workdir / "bert"))
+    dense = load_model(str(workdir / "bert"))
     ids = torch.randint(5, 60, (2, 24))
     with torch.no_grad():
         a = model(input_ids=ids).last_hidden_state
@@ -263,7 +264,7 @@ def test_tiny_llama_end_to_end_compress_perplexity_generate(workdir):
     assert np.isfinite(result["perplexity"]) and result["perplexity"] > 1
     # a random model: the compressed one's perplexity stays near the dense one's
     assert abs(np.log(result["perplexity"]) - np.log(result["reference_perplexity"])) < 0.5
-    model, _ = load_model(str(out))
+    model = load_model(str(out))
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "ArmorLinear"
     generated = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
@@ -283,7 +284,7 @@ def test_compressed_llama_on_cuda_float16_uses_semi_structured_cores(workdir):
         CompressSettings(method="armor-hessian", backend="torch", device="cuda", **FAST),
         progress=False,
     )
-    model, _ = load_model(str(out), device="cuda", dtype="float16")
+    model = load_model(str(out), device="cuda", dtype="float16")
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "ArmorLinear" and q.sparse and q.core.is_cuda
     kwargs = {"max_length": 64, "stride": 32, "max_tokens": 600}
@@ -304,14 +305,14 @@ def test_llama_layout_variants_load_exactly_what_was_written(workdir, tmp_path, 
     report = compress_model(d, str(out), str(workdir / "calib.txt"), settings, progress=False)
     assert report["linears"] == 2 * 7
     tensors = all_tensors(out)
-    dense, _ = load_dense_model(d)
+    dense = load_model(d)
     stems = sorted({name.split(".armor.")[0] for name in tensors if ".armor." in name})
     assert len(stems) == 2 * 7
     modules = dict(dense.named_modules())
     for stem in stems:
         core, _ = unpack_2of4(tensors[f"{stem}.armor.values"], tensors[f"{stem}.armor.index"])
         modules[stem].weight.data.copy_(torch.from_numpy(core))
-    model, _ = load_model(str(out))
+    model = load_model(str(out))
     ids = torch.randint(5, 60, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = dense(input_ids=ids).logits, model(input_ids=ids).logits
@@ -332,7 +333,7 @@ def test_lm_head_is_compressed_when_asked_and_resumes_exactly(workdir, tmp_path)
     assert head["loss"] <= head["baseline_loss"] * (1 + 1e-9)
     assert json.load(open(out / "config.json"))["tie_word_embeddings"] is False
     tensors = all_tensors(out)
-    dense, _ = load_dense_model(d)
+    dense = load_model(d)
     embeddings = dense.model.embed_tokens.weight.detach().numpy()
     np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], embeddings)
     modules = dict(dense.named_modules())
@@ -343,7 +344,7 @@ def test_lm_head_is_compressed_when_asked_and_resumes_exactly(workdir, tmp_path)
         core, _ = unpack_2of4(tensors[f"{stem}.armor.values"], tensors[f"{stem}.armor.index"])
         W_hat = reconstruct(tensors[f"{stem}.armor.A"], core, tensors[f"{stem}.armor.B"])
         modules[stem].weight.data.copy_(torch.from_numpy(W_hat))
-    model, _ = load_model(str(out))
+    model = load_model(str(out))
     ids = torch.randint(5, 60, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
@@ -375,7 +376,7 @@ def test_sliding_window_perplexity_scores_every_token_once(workdir):
     from toolkit.evaluate import perplexity
     from toolkit.models import load_tokenizer
 
-    model, _ = load_dense_model(str(workdir / "llama"))
+    model = load_model(str(workdir / "llama"))
     tok = load_tokenizer(str(workdir / "llama"))
     text = sample_text(n_words=300, seed=3)
     n = len(tok(text, add_special_tokens=False)["input_ids"])
@@ -445,11 +446,64 @@ def test_cli_compress_and_eval(workdir, tmp_path):
     assert "12 linears compressed with magnitude" in result.output
     report = json.load(open(out / "armor_report.json"))
     assert len(report["layers"]) == 12 and report["machine"]["cpu_count"] >= 1
+    # the end-of-run table: a row per block, a column per linear with its relative output error, and seconds
+    lines = result.stdout.splitlines()
+    header = next(line.split() for line in lines if line.strip().startswith("block"))
+    assert header == [
+        "block",
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "seconds",
+    ]
+    row1 = next(line.split() for line in lines if line.strip().startswith("1 "))
+    errors = {layer["name"]: layer["relative_output_error"] for layer in report["layers"]}
+    assert float(row1[1]) == pytest.approx(errors["encoder.layer.1.attention.self.query"], rel=1e-3)
+    assert float(row1[6]) == pytest.approx(errors["encoder.layer.1.output.dense"], rel=1e-3)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert report["error_plot"] == "armor_errors.png"
+        assert (out / "armor_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     result = run_cli(
         "eval", str(out), "--text", str(workdir / "eval.txt"), "--reference", str(workdir / "bert"), "--json"
     )
     assert result.exit_code == 0, result.output
-    assert 0 < json.loads(result.stdout)["cosine_to_reference"] < 1
+    figures = json.loads(result.stdout)
+    assert 0 < figures["cosine_to_reference"] < 1
+    # without --json: compressed and dense side by side
+    result = run_cli("eval", str(out), "--text", str(workdir / "eval.txt"), "--reference", str(workdir / "bert"))
+    assert result.exit_code == 0, result.output
+    rows = {line.strip().split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    retrieval = rows["half-passage retrieval accuracy"]
+    assert float(retrieval[-2]) == pytest.approx(figures["retrieval_accuracy"], abs=1e-4)
+    assert float(retrieval[-1]) == pytest.approx(figures["reference_retrieval_accuracy"], abs=1e-4)
+    assert rows["embedding cosine to the dense model"][-1] == "1"
+
+
+def test_compress_without_matplotlib_notes_the_missing_plot(workdir, tmp_path, monkeypatch):
+    for name in ["matplotlib"] + [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib…` now raises ImportError
+    out = tmp_path / "out"
+    args = ["--method", "magnitude", "--nsamples", "4", "--seqlen", "32", "--block-size", "16", "--quiet"]
+    result = run_cli(
+        "compress", str(workdir / "bert"), "-o", str(out), "--calib-text", str(workdir / "calib.txt"), *args
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: no armor_errors.png: matplotlib is not installed" in result.stderr
+    assert not (out / "armor_errors.png").exists()
+    assert "error_plot" not in json.load(open(out / "armor_report.json"))
+
+
+def test_eval_on_a_text_without_passages_says_what_a_passage_is(workdir, tmp_path):
+    text = tmp_path / "one-paragraph.txt"
+    text.write_text(sample_text(n_words=400).replace("\n\n", " "))  # a single paragraph
+    result = run_cli("eval", str(workdir / "bert"), "--text", str(text))
+    assert result.exit_code == 2
+    assert "the text has 1 passage(s)" in result.stderr and "separated by a blank line" in result.stderr
+    assert "at least 32 words" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_two_gloo_processes_give_the_single_process_result(workdir, bert_hessian):

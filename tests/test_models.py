@@ -24,7 +24,7 @@ from toolkit.models import (  # noqa: E402
     checkpoint_name,
     layout_of,
     load_block,
-    load_dense_model,
+    load_model,
     load_model_skeleton,
     module_names,
     read_config,
@@ -158,10 +158,9 @@ def test_checkpoint_name_maps_model_parameters_to_stored_names():
 
 
 def test_blocks_are_found_in_both_tiny_models(tmp_path):
-    from toolkit.models import load_dense_model
-
     for kind in ("bert", "llama"):
-        model, layout = load_dense_model(make_tiny_model(kind, str(tmp_path / kind)))
+        d = make_tiny_model(kind, str(tmp_path / kind))
+        model, layout = load_model(d), layout_of(read_config(d))
         blocks = blocks_of(model, layout)
         assert len(blocks) == 2
         for rel in layout.linears:  # every listed linear exists
@@ -177,7 +176,7 @@ def test_streamed_model_equals_the_fully_loaded_one_block_by_block(tmp_path, kin
     ``from_pretrained``'s model exactly (recomputed buffers such as rotary tables and position ids included), and
     releasing a block frees it again."""
     d = make_tiny_model(kind, str(tmp_path / kind), layers=3, shards=kind == "llama")
-    dense, layout = load_dense_model(d)
+    dense, layout = load_model(d), layout_of(read_config(d))
     expected = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
     model, _, locations = load_model_skeleton(d)
     blocks = blocks_of(model, layout)

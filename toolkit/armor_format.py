@@ -224,6 +224,13 @@ def _bad_armor(source: object, problem: str) -> ArmorError:
     return ArmorError(f"{source}: {problem}", "write it again with armor-ref (factorize or compress)")
 
 
+def dense_tensor_name(stem: str, metadata: Mapping[str, str] | None = None) -> str:
+    """The dense tensor a stored layer ``stem`` stands for. ``factorize`` stores *tensors* under their own names (its
+    header lists them in ``tensors``); ``compress`` stores *modules*: ``NAME.armor.*`` for the linear ``NAME``, whose
+    dense tensor is ``NAME.weight``."""
+    return stem if metadata and "tensors" in metadata else f"{stem}.weight"
+
+
 def armor_stems(names: object) -> list[str]:
     """The factorized tensors' names (``NAME`` of ``NAME.armor.*``) among tensor ``names``, sorted."""
     return sorted({key[: -len(s)] for key in names for s in ARMOR_SUFFIXES if key.endswith(s)})  # type: ignore[union-attr]
@@ -272,12 +279,14 @@ def block_size_of(metadata: Mapping[str, str], source: object) -> int:
     return b
 
 
-def load_armor(path: str | os.PathLike) -> ArmorFile:
-    """Read and validate an ARMOR file written by :func:`save_armor` (see :func:`armor_layer`); raises
-    :class:`ArmorError` on any problem."""
+def load_armor(path: str | os.PathLike, block_size: int | None = None) -> ArmorFile:
+    """Read and validate an ARMOR file written by :func:`save_armor` or ``compress`` (see :func:`armor_layer`);
+    raises :class:`ArmorError` on any problem. ``block_size``: for a shard of a compressed directory, whose header
+    need not be ARMOR's (a compressed model's ``save_pretrained`` writes transformers' own) because the block size
+    is in the directory's ``config.json``."""
     path = Path(path)
     tensors, metadata = read_safetensors(path)
-    b = block_size_of(metadata, path)
+    b = block_size_of(metadata, path) if block_size is None else block_size
     layers = {name: armor_layer(name, tensors, b, path) for name in armor_stems(tensors)}
     passthrough = {key: array for key, array in tensors.items() if not any(key.endswith(s) for s in ARMOR_SUFFIXES)}
     return ArmorFile(path, metadata, layers, passthrough)

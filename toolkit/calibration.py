@@ -4,6 +4,9 @@ matrix ``H = Xᵀ X`` in float64:
 * ``.npy``: activations ``X`` (N, d_in); used for every 2-D weight whose input dimension ``shape[1]`` is d_in.
 * ``.npz`` / ``.safetensors`` keyed by tensor name: ``NAME`` holds activations (N, d_in) for tensor ``NAME``;
   ``NAME.gram`` holds a precomputed Gram matrix ``XᵀX`` (d_in, d_in).
+
+Several files (a repeated ``--calib``) are merged by :func:`load_calibrations`, each tensor taking its calibration
+from exactly one of them (e.g. one ``.npy`` per input width).
 """
 
 from __future__ import annotations
@@ -179,3 +182,21 @@ def load_calibration(
             "key activations by tensor name (NAME or NAME.gram)",
         )
     return result
+
+
+def load_calibrations(
+    paths: list[str | os.PathLike] | tuple[str | os.PathLike, ...], weights: Mapping[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, int | None]]:
+    """:func:`load_calibration` of each file, merged. A tensor that gets calibration from two files is an
+    :class:`ArmorError` (which one was meant is not ours to guess), as is a file that calibrates nothing."""
+    merged: dict[str, tuple[np.ndarray, int | None]] = {}
+    source: dict[str, str] = {}
+    for path in paths:
+        for name, entry in load_calibration(path, weights).items():
+            if name in merged:
+                raise ArmorError(
+                    f"tensor {name!r} gets calibration from both {source[name]} and {path}",
+                    "give each tensor's calibration in one --calib file",
+                )
+            merged[name], source[name] = entry, str(path)
+    return merged

@@ -21,6 +21,7 @@ from backends.threads import limit_threads
 
 from .compress import METHODS, CompressSettings
 from .errors import EXIT_CODES_HELP
+from .report import compression_table, format_table
 
 
 def threads_option(command: Callable | None = None, *, torch: bool = False) -> Any:
@@ -159,6 +160,11 @@ def compress(
         killed at any moment, or stopped by a full disk, continues with --resume (same options) to the same bytes
         as an uninterrupted run. --resume refuses a directory that is not one of its runs, other settings, and
         changed inputs. eval, inspect and the loader refuse unfinished or altered outputs.
+
+    At the end it prints, per block, each linear's relative output error on the calibration data and the seconds,
+    and writes armor_errors.png (that error against depth; needs matplotlib) beside armor_report.json. The
+    directory loads with transformers' own calls after `import armor_ref` (see `armor-ref export-dense` for a plain
+    checkpoint).
     """
     from .compress import compress_model
 
@@ -179,11 +185,15 @@ def compress(
     if report.get("already_complete"):
         click.echo(f"{out_dir} already holds this finished run; every file matches its manifest, nothing to do")
     elif report:
+        click.echo("Relative output error ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖² of each linear on the calibration data, per block:")
+        click.echo(compression_table(report))
+        for note in report.get("notes", []):
+            click.echo(f"note: {note}", err=True)
         errors = [layer["relative_output_error"] for layer in report["layers"]]
         click.echo(
             f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s; "
             f"relative output error mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; "
-            f"written to {out_dir}"
+            f"written to {out_dir}" + (f" (plot: {report['error_plot']})" if "error_plot" in report else "")
         )
 
 
@@ -223,7 +233,15 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Evaluate MODEL_DIR (dense or compressed): perplexity (causal LMs) or embedding cosine to the reference
-    and half-passage retrieval accuracy (encoders)."""
+    and half-passage retrieval accuracy (encoders). With --reference the dense model's figures are printed beside
+    the compressed model's.
+
+    Encoders are evaluated on passages: the text's paragraphs (separated by a blank line) of at least 32 words.
+
+    \b
+    Example:
+      armor-ref eval ./minilm-armor --text eval.txt --reference ./all-MiniLM-L6-v2
+    """
     from .evaluate import evaluate_model
 
     result = evaluate_model(
@@ -232,9 +250,31 @@ def evaluate(
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
-    for key in sorted(result):
+    compared = side_by_side(result) if reference_dir is not None else []
+    shown = {key for row in compared for key in row[3:]}
+    for key in sorted(set(result) - shown):
         value = result[key]
         click.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    if compared:
+        click.echo(format_table(["", "compressed", "dense (reference)"], [row[:3] for row in compared]))
+
+
+# metric of the evaluated model -> (label, the reference's figure: a result key, or the value it has by definition)
+COMPARED = {
+    "perplexity": ("perplexity", "reference_perplexity"),
+    "retrieval_accuracy": ("half-passage retrieval accuracy", "reference_retrieval_accuracy"),
+    "cosine_to_reference": ("embedding cosine to the dense model", 1.0),
+}
+
+
+def side_by_side(result: dict) -> list[list]:
+    """Rows ``[label, model's value, reference's value, keys shown…]`` for `armor-ref eval --reference`."""
+    rows = []
+    for key, (label, reference) in COMPARED.items():
+        if key in result:
+            keys = [key] + ([reference] if isinstance(reference, str) else [])
+            rows.append([label, result[key], result[reference] if isinstance(reference, str) else reference, *keys])
+    return rows
 
 
 def register_model_commands(group: click.Group) -> click.Group:

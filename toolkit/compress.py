@@ -108,7 +108,7 @@ from .models import (
     require_torch,
     weight_files,
 )
-from .report import finite, machine_info, output_error
+from .report import finite, machine_info, output_error, write_error_plot
 
 METHODS = ("armor-nowag", "armor-hessian", "sparsegpt", "wanda", "nowag-p", "magnitude")
 PROGRESS_DIR = ".armor-progress"
@@ -1002,6 +1002,8 @@ def build_report(run: Run, output: Output, t_start: float) -> dict[str, Any]:
 def finish_run(run: Run, output: Output, t_start: float) -> dict[str, Any]:
     """Everything after the last block, each step repeatable with the same bytes: the rest shard, the output config,
     the index, the report, and the manifest marked complete (the run's last write). Returns the report."""
+    from .hf import write_armor_config  # imports transformers: only once a run gets here
+
     if not output.writer:
         return {}
     output.write_shard(REST_SHARD, {name: read_checkpoint_tensor(run.locations, name) for name in run.rest_names})
@@ -1009,7 +1011,13 @@ def finish_run(run: Run, output: Output, t_start: float) -> dict[str, Any]:
         output.record(name)
     write_index(run)
     output.record(WEIGHTS_INDEX)
+    proxy = shard_metadata(run.settings)["proxy"]
+    for name in write_armor_config(run.model_dir, run.out_dir, run.settings.block_size, run.settings.method, proxy):
+        output.record(name)  # config.json made loadable by from_pretrained, and modeling_armor.py (toolkit.hf)
     report = build_report(run, output, t_start)
+    report.update(write_error_plot(run.out_dir, report))  # armor_errors.png beside the report (toolkit.report)
+    if "error_plot" in report:
+        output.record(report["error_plot"])
     write_json(output.path(REPORT_FILE), report)
     output.record(REPORT_FILE)
     output.complete()

@@ -19,11 +19,15 @@ import numpy as np
 
 from .errors import ArmorError
 from .files import read_text
-from .models import load_model, load_tokenizer, read_config, require_torch
+from .models import dense_model_type, layout_of, load_model, load_tokenizer, read_config, require_torch
 from .report import finite
 
+MIN_PASSAGE_WORDS = 32
 
-def split_passages(text: str, min_words: int = 32, max_words: int = 96, max_passages: int = 256) -> list[str]:
+
+def split_passages(
+    text: str, min_words: int = MIN_PASSAGE_WORDS, max_words: int = 96, max_passages: int = 256
+) -> list[str]:
     """Paragraphs (blank-line separated) with at least ``min_words`` words, whitespace collapsed, cut to
     ``max_words`` words, duplicates dropped, at most ``max_passages`` (the first ones, in text order)."""
     passages: list[str] = []
@@ -103,7 +107,11 @@ def encoder_metrics(model: Any, tokenizer: Any, passages: list[str], reference: 
     reference's sentence embeddings over all half passages. ``reference`` is a model, the
     :func:`passage_embeddings` of one (to reuse across evaluations), or ``None``."""
     if len(passages) < 2:
-        raise ArmorError("the text has fewer than 2 passages of enough words; give a longer text")
+        raise ArmorError(
+            f"the text has {len(passages)} passage(s); an encoder is evaluated on passages, paragraphs separated by a "
+            f"blank line with at least {MIN_PASSAGE_WORDS} words each, and needs 2 or more",
+            "give a text with at least 2 such paragraphs",
+        )
     emb = passage_embeddings(model, tokenizer, passages)
     result: dict[str, Any] = {
         "passages": len(passages),
@@ -174,18 +182,19 @@ def evaluate_model(
     text = read_text(text_file, "text file")
     if reference_dir is not None:
         ref_config = read_config(reference_dir)
-        if ref_config.get("model_type") != config.get("model_type"):
+        if dense_model_type(ref_config) != dense_model_type(config):
             raise ArmorError(
                 "the reference model has a different architecture", "give the dense model the compressed one came from"
             )
-    model, layout = load_model(model_dir, device, dtype)
+    layout = layout_of(config)
+    model = load_model(model_dir, device, dtype)
     tokenizer = load_tokenizer(model_dir)
     cache_key = (os.path.abspath(reference_dir), text_file, max_passages) if reference_dir is not None else None
     reference: Any = None
     if reference_cache is not None and cache_key in reference_cache:
         reference = reference_cache[cache_key]
     elif reference_dir is not None:
-        reference = load_model(reference_dir, device, dtype)[0]
+        reference = load_model(reference_dir, device, dtype)
     result: dict[str, Any] = {
         "model_dir": os.path.abspath(model_dir),
         "kind": layout.kind,

@@ -100,7 +100,9 @@ def mismatched_files(directory: str | os.PathLike, recorded: dict[str, str]) -> 
 
 
 def holds_armor_weights(directory: str | os.PathLike) -> bool:
-    """True when the directory's weights (index metadata or ``model.safetensors`` header) are in the ARMOR format."""
+    """True when a weights file of the directory was written by ``armor-ref compress`` (its safetensors header says
+    ``format=armor``). A compressed model saved by transformers' ``save_pretrained`` holds ARMOR tensors in files
+    of transformers' own format: no run wrote it, so there is no manifest to expect (it is checked as any model)."""
     directory = Path(directory)
     index = directory / WEIGHTS_INDEX
     if index.is_file():
@@ -108,15 +110,14 @@ def holds_armor_weights(directory: str | os.PathLike) -> bool:
             content = json.loads(index.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return False
-        metadata = content.get("metadata") if isinstance(content, dict) else None
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        return (isinstance(metadata, dict) and metadata.get("format") == "armor") or (
-            isinstance(weight_map, dict) and any(".armor." in name for name in weight_map)
-        )
-    single = directory / WEIGHTS_FILE
-    if single.is_file():
-        infos, metadata = read_safetensors_header(single)
-        return metadata.get("format") == "armor" or any(".armor." in name for name in infos)
+        files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    else:
+        files = [WEIGHTS_FILE]
+    for name in files:
+        path = directory / str(name)
+        if path.is_file() and read_safetensors_header(path)[1].get("format") == "armor":
+            return True
     return False
 
 

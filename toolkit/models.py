@@ -86,6 +86,7 @@ LLAMA_LAYOUT = Layout(
     ),
     final_norm="model.norm",
 )
+ARMOR_MODEL_TYPE_PREFIX = "armor_"  # model_type of a compressed directory: armor_<source model_type> (toolkit.hf)
 LAYOUTS: dict[str, Layout] = {
     "bert": BERT_LAYOUT,
     "llama": LLAMA_LAYOUT,
@@ -115,9 +116,30 @@ def read_config(model_dir: str) -> dict[str, Any]:
     return config
 
 
-def layout_of(config: dict[str, Any]) -> Layout:
-    """The :class:`Layout` of a config's ``model_type``; :class:`ArmorError` for unsupported architectures."""
+def dense_model_type(config: dict[str, Any]) -> Any:
+    """The config's ``model_type``, for a compressed directory (``armor_llama``) the dense model's (``llama``)."""
     model_type = config.get("model_type")
+    return model_type.removeprefix(ARMOR_MODEL_TYPE_PREFIX) if isinstance(model_type, str) else model_type
+
+
+def armor_quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` of a compressed directory's config (written by :mod:`toolkit.hf`);
+    :class:`ArmorError` when the config is not a compressed directory's."""
+    from .armor_format import ARMOR_FORMAT  # not at the top: toolkit.hf imports this module (see its docstring)
+
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != ARMOR_FORMAT:
+        raise ArmorError(
+            "not a compressed directory: its config.json has no ARMOR quantization_config",
+            "give a directory written by armor-ref compress",
+        )
+    return quantization
+
+
+def layout_of(config: dict[str, Any]) -> Layout:
+    """The :class:`Layout` of a config's (dense) ``model_type``; :class:`ArmorError` for unsupported
+    architectures."""
+    model_type = dense_model_type(config)
     if model_type not in LAYOUTS:
         raise ArmorError(
             f"unsupported architecture {model_type!r}; supported model_type values: {', '.join(sorted(LAYOUTS))}"
@@ -247,22 +269,6 @@ def model_class(layout: Layout) -> Any:
     import transformers
 
     return transformers.AutoModel if layout.kind == "encoder" else transformers.AutoModelForCausalLM
-
-
-def load_dense_model(model_dir: str) -> tuple[Any, Layout]:
-    """Load a (dense) checkpoint as a float32 transformers model in eval mode, offline."""
-    config = read_config(model_dir)
-    layout = layout_of(config)
-    weight_files(model_dir)
-    torch = require_torch()
-    _offline()
-    cls = model_class(layout)
-    try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report one line
-        raise ArmorError(f"cannot load {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    return model, layout
 
 
 def load_model_skeleton(model_dir: str) -> tuple[Any, Layout, dict[str, str]]:
@@ -409,81 +415,39 @@ def checkpoint_name(param_name: str, checkpoint_names: set[str] | dict[str, str]
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Compressed directories
-# ----------------------------------------------------------------------------------------------------------
-def is_armor_directory(model_dir: str) -> bool:
-    """True when the directory's weights hold spec §6 (``*.armor.*``) tensors."""
-    return any(".armor." in name for name in tensor_locations(model_dir))
+def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """Load a model directory, dense or compressed, with transformers' own ``from_pretrained`` (the one load path;
+    :mod:`toolkit.hf` teaches it ARMOR directories): ``AutoModel`` for encoders, ``AutoModelForCausalLM`` for
+    causal LMs, in ``dtype`` on ``device``, eval mode, offline. In a compressed directory's model the factorized
+    linears are :class:`backends.torch.inference.ArmorLinear` modules (``y = A (S (B x)) + bias``): dense 2:4 cores
+    on the CPU, semi-structured 2:4 cores (cuSPARSELt/CUTLASS) on CUDA in ``float16``/``bfloat16``.
+    :class:`ArmorError` (one line) when a tensor the model needs is missing or has the wrong shape.
 
-
-def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Layout]:
-    """Load a dense checkpoint, or a compressed (ARMOR) directory as the same transformers model class whose
-    factorized linears are :class:`backends.torch.inference.ArmorLinear` modules (``y = A (S (B x)) + bias``):
-    dense 2:4 cores on the CPU, semi-structured 2:4 cores (cuSPARSELt/CUTLASS) on a CUDA ``device`` in
-    ``float16``/``bfloat16``. Eval mode, offline.
-
-    A compressed directory is loaded only after :func:`toolkit.manifest.verify_run` has checked that it holds a
-    finished run whose files match the sha256 the run recorded."""
+    A compress run is loaded only after :func:`toolkit.manifest.verify_run` has checked that it is finished and its
+    files match the sha256 the run recorded (``from_pretrained`` checks that too, in :mod:`toolkit.hf`; here it
+    comes first so that its error is the one reported)."""
     verify_run(model_dir)
     torch = require_torch()
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ArmorError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
     require_device(device)
-    config = read_config(model_dir)
-    layout = layout_of(config)
-    locations = tensor_locations(model_dir)
-    if not any(".armor." in name for name in locations):
-        model, layout = load_dense_model(model_dir)
-        return model.to(device=device, dtype=torch_dtype), layout
+    layout = layout_of(read_config(model_dir))
+    weight_files(model_dir)
     _offline()
-    import transformers
+    from .hf import register
 
-    from backends.torch.inference import ArmorLinear
-
+    register()
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ArmorError(f"cannot read the config of {model_dir!r}: {str(exc).splitlines()[0]}") from None
-    model = model_class(layout).from_config(hf_config, dtype=torch_dtype).to(device)
-    model.eval()
-
-    stems = sorted({name.split(".armor.")[0] for name in locations if ".armor." in name})
-    replaced: set[str] = set()
-    for qualified, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        ck = checkpoint_name(f"{qualified}.weight", {f"{s}.weight": s for s in stems})
-        if ck is None:
-            continue
-        stem = ck.removesuffix(".weight")
-        bias_name = checkpoint_name(f"{qualified}.bias", locations) if module.bias is not None else None
-        new = ArmorLinear.from_file_tensors(
-            read_checkpoint_tensor(locations, f"{stem}.armor.A"),
-            read_checkpoint_tensor(locations, f"{stem}.armor.B"),
-            read_checkpoint_tensor(locations, f"{stem}.armor.values"),
-            read_checkpoint_tensor(locations, f"{stem}.armor.index"),
-            read_checkpoint_tensor(locations, bias_name) if bias_name else None,
-            dtype=torch_dtype,
-            device=device,
+        model, info = model_class(layout).from_pretrained(
+            model_dir, local_files_only=True, dtype=torch_dtype, output_loading_info=True
         )
-        parent_name, _, child = qualified.rpartition(".")
-        setattr(get_submodule(model, parent_name) if parent_name else model, child, new)
-        replaced.add(stem)
-    if replaced != set(stems):
-        raise ArmorError(f"{len(set(stems) - replaced)} factorized tensor(s) match no linear of the model")
-
-    state = {}  # everything but the factors (biases of factorized linears included), copied onto device and dtype
-    for name, param in list(model.named_parameters()) + list(model.named_buffers()):
-        ck = checkpoint_name(name, locations)
-        if ck is not None and ".armor." not in ck:
-            state[name] = read_checkpoint_tensor(locations, ck).to(param.dtype)
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    unloaded = [n for n in missing if not n.endswith((".A", ".B", ".core")) and not n.endswith("position_ids")]
-    if unloaded and getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-        unloaded = [n for n in unloaded if not n.startswith("lm_head")]
-    if unloaded:
-        raise ArmorError(f"{model_dir!r} lacks {len(unloaded)} tensor(s), e.g. {unloaded[0]}")
-    return model, layout
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report one line
+        raise ArmorError(f"cannot load {model_dir!r} with transformers: {str(exc).splitlines()[0]}") from None
+    lacking = sorted(info["missing_keys"]) + sorted(str(m[0]) for m in info["mismatched_keys"])
+    if lacking:
+        raise ArmorError(
+            f"{model_dir!r} lacks {len(lacking)} tensor(s) of the right shape for its model, e.g. {lacking[0]}",
+            "write the directory again (armor-ref compress, or save_pretrained)",
+        )
+    return model.to(device).eval()

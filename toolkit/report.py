@@ -141,3 +141,89 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-model compression: the end-of-run table and the error-against-depth plot
+# ----------------------------------------------------------------------------------------------------------
+ERROR_PLOT = "armor_errors.png"
+
+
+def linear_labels(names: Sequence[str]) -> dict[str, str]:
+    """Short distinct column labels of the linears of a block: each name's shortest dotted suffix that no other
+    name shares (``attention.self.query`` → ``query``; ``attention.output.dense`` and ``output.dense`` keep enough
+    parts to stay apart)."""
+    labels = {}
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(other != name and other.split(".")[-k:] == parts[-k:] for other in names):
+                break
+        labels[name] = suffix
+    return labels
+
+
+def _by_block(report: Mapping[str, Any]) -> tuple[list[str], dict[Any, dict[str, float]]]:
+    """The linears of a block in compression order (relative names), and block -> {relative name: rel. error};
+    the LM head (block ``None``) under its own name."""
+    order: list[str] = []
+    errors: dict[Any, dict[str, float]] = {}
+    for layer in report["layers"]:
+        block = layer["block"]
+        rel = layer["name"].split(f".{block}.", 1)[-1] if block is not None else layer["name"]
+        if rel not in order:
+            order.append(rel)
+        errors.setdefault(block, {})[rel] = layer["relative_output_error"]
+    return order, errors
+
+
+def compression_table(report: Mapping[str, Any]) -> str:
+    """What `armor-ref compress` prints at the end: one row per block, the relative output error
+    ``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` of each of its linears on the calibration data, and the block's seconds."""
+    order, errors = _by_block(report)
+    labels = linear_labels(order)
+    seconds = {b["block"]: b["seconds"] for b in report["blocks"]}
+    rows = []
+    for block, values in errors.items():
+        name = "head" if block is None else block
+        rows.append(
+            [name, *(values.get(rel, "-") for rel in order), seconds.get("lm_head" if block is None else block, "-")]
+        )
+    return format_table(["block", *(labels[rel] for rel in order), "seconds"], rows)
+
+
+def write_error_plot(out_dir: str, report: Mapping[str, Any]) -> dict[str, Any]:
+    """Plot every linear's relative output error against its block (depth), one line per kind of linear, as
+    :data:`ERROR_PLOT` in ``out_dir`` (atomically). Returns ``{"error_plot": file name}``, or ``{"notes": [why
+    not]}`` when matplotlib (the ``plot`` extra) is not installed: the plot is optional, never a failure."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return {"notes": [f"no {ERROR_PLOT}: matplotlib is not installed (pip install 'armor-ref[plot]')"]}
+    from .files import atomic_write
+
+    order, errors = _by_block(report)
+    labels = linear_labels(order)
+    blocks = sorted(b for b in errors if b is not None)
+    head = errors.get(None, {})
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for rel in order:
+        points = [(b, errors[b][rel]) for b in blocks if rel in errors[b]]
+        if rel in head:
+            points.append((len(blocks), head[rel]))
+        x, y = zip(*points, strict=True)
+        axes.plot(x, y, marker="o", markersize=3, linewidth=1, label=labels[rel])
+    if all(v > 0 for values in errors.values() for v in values.values()):
+        axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("block (depth)" + (f"; {len(blocks)} = LM head" if head else ""))
+    axes.set_ylabel("relative output error ‖(W − Ŵ)Xᵀ‖² / ‖WXᵀ‖²")
+    settings = report.get("settings", {})
+    axes.set_title(f"{report.get('architecture')}, {settings.get('method')}: per-linear error on the calibration data")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small", ncol=min(len(order), 4))
+    atomic_write(os.path.join(out_dir, ERROR_PLOT), lambda fh: figure.savefig(fh, format="png", dpi=110))
+    return {"error_plot": ERROR_PLOT}
