@@ -384,7 +384,7 @@ def fmt_gb(n: int | None) -> str:
 # Stages
 # ----------------------------------------------------------------------------------------------------------------
 def stage_layers(shapes: list[tuple[int, int]], tokens: int, device: torch.device, dtype: str, sweeps: int | None,
-                 save: Callable[[str, Any], None], compare_loop: bool) -> None:  # fmt: skip
+                 save: Callable[[str, list[dict]], None], compare_loop: bool) -> None:  # fmt: skip
     rows = []
     for index, (d_out, d_in) in enumerate(shapes):
         print(f"{d_out}x{d_in} hessian", flush=True)
@@ -394,7 +394,7 @@ def stage_layers(shapes: list[tuple[int, int]], tokens: int, device: torch.devic
 
 
 def stage_block(part: str, hidden: int, intermediate: int, tokens: int, device: torch.device, dtype: str,
-                sweeps: int | None, save: Callable[[str, Any], None]) -> None:  # fmt: skip
+                sweeps: int | None, save: Callable[[str, list[dict]], None]) -> None:  # fmt: skip
     dims = {"h": hidden, "i": intermediate}
     sources = [source for layers in BLOCK_LAYERS.values() for *_, source in layers]
     grams: dict[str, torch.Tensor] = {}
@@ -407,6 +407,11 @@ def stage_block(part: str, hidden: int, intermediate: int, tokens: int, device: 
         row = run_layer(synthetic_weight(dims[o], dims[i], seed=seed), grams[source], device, dtype, sweeps)
         rows.append({"name": name, "input": source, **row})
         save(part, rows)
+
+
+def row_id(row: dict) -> tuple:
+    """What a result row is of: its block layer name, or its shape."""
+    return (row.get("name"), tuple(row["shape"]))
 
 
 def block_totals(report: dict) -> dict | None:
@@ -500,8 +505,9 @@ def main() -> None:
     }
     report.setdefault("machine", {})[args.stage] = gpu_machine()
 
-    def save(key: str, value: Any) -> None:
-        report[key] = value
+    def save(key: str, rows: list[dict]) -> None:  # rows run now replace earlier rows of the same layer
+        ids = {row_id(r) for r in rows}
+        report[key] = [r for r in report.get(key, []) if row_id(r) not in ids] + rows
         report["llama2_7b_block"] = block_totals(report)
         report["targets_met"] = "not applicable (--smoke)" if args.smoke else targets_met(report)
         write_json(out, report)
@@ -513,7 +519,7 @@ def main() -> None:
         stage_block(args.stage, hidden, intermediate, tokens, device, dtype, sweeps, save)
     report["machine"][args.stage]["stage_seconds"] = time.perf_counter() - t0
     report["machine"][args.stage]["load_average_after"] = list(os.getloadavg())
-    save(args.stage, report[args.stage])
+    write_json(out, report)
     print_table(report)
     if report["llama2_7b_block"]:
         block = report["llama2_7b_block"]
