@@ -182,6 +182,14 @@ def default_num_warps(b: int) -> int:
     return 8 if b >= 64 else 4
 
 
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` without stopping the host: through pinned memory, asynchronously, on
+    CUDA (a copy from pageable memory would wait for the GPU to finish everything queued before it, once per column
+    block); the pinned buffer is kept by torch's host allocator until the copy is done."""
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
 def walk_column_block_fused(
     xp: Any,
     S_k: torch.Tensor,
@@ -212,8 +220,8 @@ def walk_column_block_fused(
     changed = torch.zeros(1, dtype=torch.int32, device=device)
     if not positions:
         return changed[0].to(torch.int64)
-    consts = torch.tensor([tie, TINY], dtype=dtype, device=device)
-    where = torch.as_tensor(list(positions), dtype=torch.int64, device=device)
+    consts = upload([tie, TINY], dtype, device)
+    where = upload(list(positions), torch.int64, device)
     M8 = M_k.view(torch.uint8)  # the same storage: the kernel's stores update the mask
     L4 = L_k.view(R, b, nk, b)
     LAUNCHES["walk_column_block"] += 1
