@@ -28,6 +28,7 @@ What differs, for speed and memory only:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ from .xp import Array, Namespace, dtype_name, make_namespace
 #: the reference's in float64, looser in float32 where its round-off is ~1e-7
 TIE_TOLERANCE = {"float64": TIE_RTOL, "float32": 1e-6}
 PRECONDITIONER_RIDGES = {"float64": PRECONDITIONER_RIDGE, "float32": 1e-6}
+#: the environment variable that forces (1) or forbids (0) the fused discrete walk (:func:`column_block_walk`)
+FUSED_WALK_ENV = "ARMOR_FUSED_WALK"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,13 +109,37 @@ def psd_pinv(xp: Namespace, M: Array, scale: Array | float = 0.0) -> Array:
     return xp.astype((V * inv_w[..., None, :]) @ xp.swapaxes(V, -1, -2), M.dtype)
 
 
+def on_gpu(xp: Namespace) -> bool:
+    """Whether ``xp`` computes on a GPU (CuPy, torch on CUDA)."""
+    return xp.name == "cupy" or (xp.name == "torch" and xp.device.type == "cuda")
+
+
 def lstsq_pinv(xp: Namespace, M: Array) -> Array:
-    """Batched Moore–Penrose pseudo-inverse by SVD in float64, singular values ≤ ``PINV_RTOL · σ_max`` dropped (the
-    reference's ``np.linalg.pinv(M, rtol=PINV_RTOL)``)."""
+    """Batched Moore–Penrose pseudo-inverse in float64, singular values ≤ ``PINV_RTOL · σ_max`` dropped (the
+    reference's ``np.linalg.pinv(M, rtol=PINV_RTOL)``): by SVD on the CPU, by :func:`gram_pinv` on a GPU."""
+    if on_gpu(xp):
+        return gram_pinv(xp, M)
     U, sv, Vt = xp.linalg.svd(xp.astype(M, xp.float64), full_matrices=False)
     keep = sv > PINV_RTOL * sv[..., :1]  # singular values come sorted, largest first
     inv_s = xp.where(keep, 1.0 / xp.where(keep, sv, 1.0), 0.0)
     return xp.astype((xp.swapaxes(Vt, -1, -2) * inv_s[..., None, :]) @ xp.swapaxes(U, -1, -2), M.dtype)
+
+
+def gram_pinv(xp: Namespace, M: Array) -> Array:
+    """:func:`lstsq_pinv` of thin matrices (..., p, q) from the Gram matrix of the short side, in float64:
+    ``M⁺ = Mᵀ (M Mᵀ)⁺`` (p ≤ q) or ``(Mᵀ M)⁺ Mᵀ``, eigenvalues ``λ = σ²`` ≤ ``PINV_RTOL² · λ_max`` dropped (the
+    SVD's cut-off). One batched product and one batched ``min(p, q)``-square eigendecomposition (cuSOLVER's batched
+    Jacobi up to 32), where a batched SVD of thin matrices is one solver call per matrix on CUDA (the A-step's
+    ``R`` matrices b × d_in, the B-step's ``K`` matrices d_out × b). It squares the condition number, which float64
+    absorbs: the directions kept have ``σ ≥ 1e-6 σ_max``, so ``κ² ≤ 1e12``."""
+    M64 = xp.astype(M, xp.float64)
+    Mt = xp.swapaxes(M64, -1, -2)
+    wide = M.shape[-2] <= M.shape[-1]
+    w, V = xp.linalg.eigh(M64 @ Mt if wide else Mt @ M64)
+    keep = w > PINV_RTOL**2 * xp.amax(w, axis=-1, keepdims=True)
+    inv_w = xp.where(keep, 1.0 / xp.where(keep, w, 1.0), 0.0)
+    G_pinv = (V * inv_w[..., None, :]) @ xp.swapaxes(V, -1, -2)
+    return xp.astype(Mt @ G_pinv if wide else G_pinv @ Mt, M.dtype)
 
 
 def dot(X: Array, Y: Array) -> float:
@@ -402,7 +429,8 @@ def walk_column_block(
     support changes (a 0-d array).
 
     This loop is the hot spot of a hessian sweep ((d_in/b) · b²/4 positions, each a few dozen small operations);
-    a fused kernel that walks a whole column block in one launch replaces it with this signature.
+    on CUDA the fused Triton kernel :func:`backends.torch.discrete_kernel.walk_column_block_fused`, same signature
+    and answers, walks a whole batch in one launch (:func:`column_block_walk` chooses).
     """
     R, b, nk, nb, _ = S_k.shape
     L5 = L_k.reshape(R, b, nk, nb, GROUP)
@@ -427,13 +455,34 @@ def walk_column_block(
     return xp.stack(switched).sum() if switched else xp.zeros((), dtype=xp.int64)
 
 
+def column_block_walk(xp: Namespace) -> Callable[..., Array]:
+    """The walk :func:`discrete_step` runs on each batch of column blocks: the fused Triton kernel
+    (:func:`backends.torch.discrete_kernel.walk_column_block_fused`, one launch per batch, the same decisions) for
+    torch on CUDA where triton is installed, :func:`walk_column_block` elsewhere. The environment variable
+    ``ARMOR_FUSED_WALK`` overrides the choice for torch namespaces: ``1`` forces the kernel (on the CPU it then runs
+    under Triton's interpreter, which must be switched on with ``TRITON_INTERPRET=1`` before triton is imported:
+    how the tests check it without a GPU), ``0`` forbids it (the loop, e.g. to compare on a GPU)."""
+    value = os.environ.get(FUSED_WALK_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{FUSED_WALK_ENV}={value!r}: use 1 (force the fused walk), 0 (never) or leave it unset")
+    if xp.name != "torch" or value == "0" or (value == "" and xp.device.type != "cuda"):
+        return walk_column_block
+    from .torch import discrete_kernel
+
+    if not discrete_kernel.available():
+        if value == "1":
+            raise RuntimeError(f"{FUSED_WALK_ENV}=1: the fused walk needs triton (pip install 'armor-ref[gpu]')")
+        return walk_column_block
+    return discrete_kernel.walk_column_block_fused
+
+
 def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int:
     """Re-choose 2:4 supports group by group (spec §5, the reference's ``discrete_step``): screen every group alone
     at the current point (:func:`improvable_groups`), then, batch after batch, visit the positions ``(p, g)`` where
     some group of the batch can improve, in the order of ``rng.permutation`` (drawn only for a batch with such a
-    position), with :func:`walk_column_block`. Batches: nowag, all column blocks at once (``H`` diagonal, so they
-    do not interact); hessian, one column block after another, each reading its columns of ``G = (T − Ŵ) H``
-    current (:func:`g_columns`). Returns the number of support changes."""
+    position), with :func:`walk_column_block` or its fused kernel (:func:`column_block_walk`). Batches: nowag, all
+    column blocks at once (``H`` diagonal, so they do not interact); hessian, one column block after another, each
+    reading its columns of ``G = (T − Ŵ) H`` current (:func:`g_columns`). Returns the number of support changes."""
     xp = f.xp
     R, b, _ = f.A.shape
     K = f.B.shape[0]
@@ -453,6 +502,7 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
     worth = xp.to_numpy(xp.stack([per_k[ks].any(0) for ks in batches]))  # one transfer to the host
     dE = None if problem.diagonal else xp.zeros(f.S.shape, dtype=f.S.dtype)  # −(change of Ŵ) on blocks done
     changed = xp.zeros((), dtype=xp.int64)
+    walk = column_block_walk(xp)
     moved = False  # whether Ŵ has changed since L was computed
     for ks, worth_visiting in zip(batches, worth, strict=True):
         if not worth_visiting.any():
@@ -465,7 +515,7 @@ def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int
         else:  # Ŵ has changed on earlier column blocks: this block's columns of G, then of Aᵀ G Bᵀ
             L_k = blockdiag_right(xp, blockdiag_left(At, g_columns(G0, dE, problem.H, cols)), Bt[ks])
         S_before = None if problem.diagonal else xp.copy(f.S[:, cols])
-        changed += walk_column_block(
+        changed += walk(
             xp,
             S5[:, :, ks],
             M5[:, :, ks],

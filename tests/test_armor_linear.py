@@ -181,3 +181,69 @@ def test_semi_structured_core_on_cuda():
     torch.testing.assert_close(module(x), dense(x), rtol=2e-2, atol=2e-2)
     factor_bytes = 2 * (d_out + d_in) * b + 2 * d_out  # A, B and bias in fp16
     assert module.weight_bytes() - factor_bytes < 0.6 * d_out * d_in * 2  # the core: about 0.56 of dense
+
+
+def test_decode_graphs_only_on_cuda_and_never_copied(layer):
+    """On the CPU a decode-size forward takes the eager path (no graph); a module copies without its graphs."""
+    import copy
+
+    linear, result = layer
+    module = ArmorLinear.from_result(linear, result)
+    with torch.no_grad():
+        module(torch.randn(1, D_IN))
+    assert module._graphs == {} and module.decode_max_tokens == 16
+    module._graphs[1] = object()  # a stand-in for a captured graph
+    assert copy.deepcopy(module)._graphs == {}
+
+
+@pytest.fixture
+def cuda_armor():
+    """A 2:4 fp16 ArmorLinear on CUDA (semi-structured where the GPU has sparse tensor cores) and its input width."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    d_out, d_in, b = 256, 512, 32
+    rng = np.random.default_rng(1)
+    result = factorize(
+        rng.standard_normal((d_out, d_in)), gram_matrix(rng.standard_normal((600, d_in))), "nowag", block_size=b,
+        sweeps=1,
+    )  # fmt: skip
+    linear = torch.nn.Linear(d_in, d_out).cuda().half()
+    return ArmorLinear.from_result(linear, result), d_in
+
+
+def test_decode_graph_replays_the_eager_forward(cuda_armor):
+    module, d_in = cuda_armor
+    xs = {n: torch.randn(n, d_in, device="cuda", dtype=torch.float16) for n in (1, 3, 16)}
+    with torch.no_grad():
+        module.decode_max_tokens = 0
+        eager = {n: module(x) for n, x in xs.items()}
+        module.decode_max_tokens = 16
+        first = {n: module(x) for n, x in xs.items()}  # captures one graph per token count
+        graphs = dict(module._graphs)
+        again = {n: module(x) for n, x in xs.items()}  # replays them
+    assert sorted(graphs) == [1, 3, 16] and all(module._graphs[n] is graphs[n] for n in graphs)
+    for n in xs:
+        torch.testing.assert_close(first[n], eager[n], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(again[n], first[n], rtol=0, atol=0)
+    # each output is the caller's own: a later replay does not overwrite an earlier result
+    with torch.inference_mode():
+        y1 = module(xs[1])
+        module(torch.randn(1, d_in, device="cuda", dtype=torch.float16))
+    torch.testing.assert_close(y1, eager[1], rtol=1e-3, atol=1e-3)
+
+
+def test_decode_graph_is_skipped_or_recaptured_where_it_would_be_wrong(cuda_armor):
+    module, d_in = cuda_armor
+    x = torch.randn(4, d_in, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        module(torch.randn(17, d_in, device="cuda", dtype=torch.float16))  # beyond decode size: eager
+    assert module._graphs == {}
+    y = module(x.clone().requires_grad_())  # autograd: eager, and differentiable
+    assert y.requires_grad and module._graphs == {}
+    with torch.no_grad():
+        before = module(x)
+        module.float()  # the factors move: the graphs are dropped, the next call captures anew
+        assert module._graphs == {}
+        after = module(x.float())
+    assert list(module._graphs) == [4]
+    torch.testing.assert_close(after.half(), before, rtol=2e-2, atol=2e-2)

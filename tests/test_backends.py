@@ -454,3 +454,46 @@ def test_an_all_dead_support_decides_as_in_the_reference(target, proxy):
     got = get_factorize(*target)(layer.W, layer.gram, proxy, block_size=16, sweeps=3, tol=0.0)
     assert_same_answers(got, want)
     assert np.all(np.abs(got.S) < np.finfo(np.float32).max)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The GPU's pseudo-inverse of the A- and B-steps (batched Gram eigendecompositions instead of a per-matrix SVD)
+# ------------------------------------------------------------------------------------------------------------
+def _thin_batch(rng: np.random.Generator, p: int, q: int, singular_values: list[float]) -> np.ndarray:
+    """Matrices (len, p, q) with the given singular values (the rest zero), random singular vectors."""
+    k = min(p, q)
+    out = []
+    for sv in singular_values:
+        U = np.linalg.qr(rng.standard_normal((p, k)))[0]
+        V = np.linalg.qr(rng.standard_normal((q, k)))[0]
+        out.append((U * np.array(sv + [0.0] * (k - len(sv)))) @ V.T)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("xp", _namespaces(), ids=lambda xp: xp.name)
+@pytest.mark.parametrize(("p", "q"), [(8, 300), (400, 16)], ids=["wide", "tall"])
+def test_gram_pinv_is_the_svd_pinv_with_its_cut_off(xp, p, q):
+    """Same pseudo-inverse as the SVD's, the same directions dropped: σ = 1e-4·σ_max is kept (the cut-off is
+    1e-6·σ_max, i.e. 1e-12·λ_max on the Gram matrix), σ = 1e-8·σ_max and exact zeros are not; a zero matrix.
+    Agreement to float64 round-off times the squared condition number of the kept directions (the Gram matrix's)."""
+    rng = np.random.default_rng(p)
+    k = min(p, q)
+    spectra = [list(np.linspace(1, 3, k)), [2.0] + [1.0] * (k - 3) + [1e-4, 1e-8], [5.0, 1.0], [0.0]]
+    kappa = np.array([3.0, 2e4, 5.0, 1.0])  # σ_max / smallest σ kept
+    M = _thin_batch(rng, p, q, spectra)
+    want = xp.to_numpy(fast.lstsq_pinv(xp, xp.asarray(M)))
+    got = xp.to_numpy(fast.gram_pinv(xp, xp.asarray(M)))
+    error = np.abs(got - want).reshape(len(M), -1).max(-1)
+    assert np.all(error <= 1e-14 * kappa**2 * np.abs(want).reshape(len(M), -1).max(-1)), error
+    ranks = np.linalg.matrix_rank(got, tol=1e-3)
+    assert list(ranks) == [k, k - 1, 2, 0]  # the 1e-4 direction kept (it dominates the inverse), 1e-8 dropped
+
+
+@pytest.mark.parametrize("proxy", ["nowag", "hessian"])
+def test_the_gpu_pseudo_inverse_makes_the_reference_decisions(monkeypatch, proxy):
+    """The fast path with the GPU's pseudo-inverse (forced on NumPy) keeps the equality contract in float64."""
+    monkeypatch.setattr(fast, "on_gpu", lambda xp: True)
+    layer = (32, 64, 2, (5, 40))
+    want = reference_result(layer, proxy=proxy, block_size=8, sweeps=4, seed=7, tol=0.0)
+    got = get_factorize("numpy", "cpu")(*make_layer(*layer), proxy=proxy, block_size=8, sweeps=4, seed=7, tol=0.0)
+    assert_same_answers(got, want)

@@ -15,6 +15,16 @@ a transposed copy). Without autograd the last ``bmm`` writes straight into the (
 semi-structured tensors (fp16/bf16): the sparse matrix's rows a multiple of 32 and columns of 64 (CUTLASS; 16 and
 16 for cuSPARSELt); the dense operand is padded by PyTorch to multiples of 8, so any token count works.
 
+Decode-size batches. At 1–16 tokens the three products are a few microseconds of arithmetic each, and the launches
+(the transposing copy, two ``bmm``, the sparse product with its padding, the bias) cost more than the work. On CUDA
+without autograd, a forward of ``N ≤ decode_max_tokens`` tokens therefore replays a CUDA graph of the whole forward,
+captured once per token count (after a warm-up on a side stream) into a memory pool shared by every ArmorLinear
+on the device: one launch from the host, plus copying the input in and the output out. The graph is recaptured
+when the factors move (their addresses are its key). Fusing the core product into one Triton kernel with the two
+block-diagonal products was not done: Triton would need the core in a layout it can read (spec §6's values and
+index), i.e. a second copy beside the semi-structured one (weights 1.1× dense instead of 0.56×), since
+cuSPARSELt's compressed layout is opaque; the graph gets the launch saving without it.
+
 State dict. :class:`ArmorLinear` keeps its factors in a child module ``armor`` (:class:`ArmorFactors`) whose
 state-dict entries are exactly the spec §6 tensors, ``armor.A``, ``armor.B``, ``armor.values``, ``armor.index``
 (plus the linear's ``bias``): a model holding ArmorLinear modules saves and loads the exported format under the
@@ -23,6 +33,8 @@ checkpoint's own names (``NAME.armor.*``), which is what lets ``transformers`` l
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +45,9 @@ from armor_ref.masks import GROUP, KEEP, is_2of4, pack_2of4, select_2of4, unpack
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 _SPARSE_MIN_ROWS, _SPARSE_MIN_COLS = 32, 64  # the stricter (CUTLASS) constraints, so either kernel accepts the core
 STORED = ("A", "B", "values", "index")  # the state-dict entries of ArmorFactors, spec §6's suffixes
+#: token counts up to which a CUDA forward without autograd replays a captured CUDA graph (module docstring)
+DECODE_MAX_TOKENS = 16
+_GRAPH_POOLS: dict[torch.device, Any] = {}  # one CUDA graph memory pool per device, shared by every ArmorLinear
 
 
 def semi_structured_supported(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
@@ -197,7 +212,9 @@ class ArmorLinear(torch.nn.Module):
     (a placeholder filled through the state dict). ``sparse``: ``None`` picks the semi-structured core wherever
     :func:`semi_structured_supported`; ``True`` insists (error where unsupported); ``False`` keeps it dense. Inputs of
     another dtype are cast to the module's and back. The factors are buffers (not trained by an optimiser); the
-    forward runs with autograd on (gradients flow to the input).
+    forward runs with autograd on (gradients flow to the input). ``decode_max_tokens`` (default
+    :data:`DECODE_MAX_TOKENS`; 0 turns it off): on CUDA without autograd, forwards of up to that many tokens replay a
+    CUDA graph captured per token count (module docstring).
     """
 
     def __init__(
@@ -217,6 +234,8 @@ class ArmorLinear(torch.nn.Module):
         place = {"device": torch.device(device), "dtype": dtype}
         self.armor = ArmorFactors(A.to(**place), B.to(**place), core.to(**place), sparse)
         self.register_buffer("bias", None if bias is None else bias.to(**place).contiguous())
+        self.decode_max_tokens = DECODE_MAX_TOKENS
+        self._graphs: dict[int, _DecodeGraph] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     # Constructors
@@ -276,6 +295,8 @@ class ArmorLinear(torch.nn.Module):
             torch.empty(d_out // b, b, b, **place), torch.empty(d_in // b, b, b, **place), None, sparse, packed
         )
         module.register_buffer("bias", torch.empty(d_out, **place) if bias else None)
+        module.decode_max_tokens = DECODE_MAX_TOKENS
+        module._graphs = {}
         return module
 
     def unpack(self) -> None:
@@ -320,9 +341,14 @@ class ArmorLinear(torch.nn.Module):
         lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
-        A, B, core = self.armor.A, self.armor.B, self.armor.core
         in_dtype = x.dtype
-        x2 = x.reshape(-1, self.in_features).to(A.dtype)
+        x2 = x.reshape(-1, self.in_features).to(self.armor.A.dtype)
+        out = self._replay(x2) if self._decode_size(x2) else self._products(x2)
+        return out.reshape(*lead, self.out_features).to(in_dtype)
+
+    def _products(self, x2: torch.Tensor) -> torch.Tensor:
+        """``A (S (B x2ᵀ)) + bias`` as (N, d_out), for ``x2`` (N, d_in) in the module's dtype."""
+        A, B, core = self.armor.A, self.armor.B, self.armor.core
         N = x2.shape[0]
         K, R, b = B.shape[0], A.shape[0], self.block_size
         hT = torch.bmm(B, x2.t().reshape(K, b, N))  # blockdiag(B) xᵀ: (K, b, N)
@@ -336,7 +362,49 @@ class ArmorLinear(torch.nn.Module):
             torch.bmm(A, yT.view(R, b, N), out=out.view(N, R, b).permute(1, 2, 0))
             if self.bias is not None:
                 out += self.bias
-        return out.reshape(*lead, self.out_features).to(in_dtype)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Decode-size batches: a captured CUDA graph per token count
+    # ------------------------------------------------------------------------------------------------------------
+    def _decode_size(self, x2: torch.Tensor) -> bool:
+        """Whether this forward replays a CUDA graph: CUDA, ``1 ≤ N ≤ decode_max_tokens``, no autograd, not inside
+        another capture."""
+        return (
+            x2.is_cuda
+            and 1 <= x2.shape[0] <= self.decode_max_tokens
+            and not (torch.is_grad_enabled() and (x2.requires_grad or self.armor.A.requires_grad))
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def _graph_key(self, x2: torch.Tensor) -> tuple:
+        """What a captured graph depends on: the token count, the device and the addresses of every factor."""
+        core = self.armor.core
+        parts = [getattr(core, name, None) for name in ("packed", "meta")] if self.sparse else [core]
+        tensors = [self.armor.A, self.armor.B, self.bias, *parts]
+        return (x2.shape[0], x2.device, *(None if t is None else t.data_ptr() for t in tensors))
+
+    def _replay(self, x2: torch.Tensor) -> torch.Tensor:
+        """The forward of ``x2`` by a captured CUDA graph (captured on first use for its token count)."""
+        key = self._graph_key(x2)
+        graph = self._graphs.get(key[0])
+        if graph is None or graph.key != key:
+            try:
+                graph = self._graphs[key[0]] = _DecodeGraph.capture(self, key, x2)
+            except RuntimeError as exc:  # a kernel that cannot be captured: this module stays eager
+                warnings.warn(f"ArmorLinear: CUDA graph capture failed ({exc}); decoding without graphs", stacklevel=3)
+                self.decode_max_tokens = 0
+                return self._products(x2)
+        graph.input.copy_(x2)
+        graph.graph.replay()
+        return graph.output.clone()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ArmorLinear:
+        self._graphs = {}  # moved or cast factors: every graph is stale
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_graphs": {}}  # graphs are neither copied nor pickled
 
     def core_dense(self) -> torch.Tensor:
         """The core ``S`` as a dense (d_out, d_in) tensor."""
@@ -368,6 +436,38 @@ class ArmorLinear(torch.nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
             f"bias={self.bias is not None}, sparse={self.sparse}, dtype={self.armor.A.dtype}"
         )
+
+
+@dataclass
+class _DecodeGraph:
+    """A CUDA graph of one ArmorLinear forward for a fixed token count: it reads ``input`` (N, d_in) and writes
+    ``output`` (N, d_out), both allocated at capture and reused by every replay."""
+
+    key: tuple
+    input: torch.Tensor
+    output: torch.Tensor
+    graph: Any  # torch.cuda.CUDAGraph
+
+    @classmethod
+    def capture(cls, module: ArmorLinear, key: tuple, like: torch.Tensor) -> _DecodeGraph:
+        """Warm up on a side stream (library handles, cuSPARSELt's plan), then capture ``module._products`` into
+        the device's shared pool. The static tensors are ordinary ones (not inference tensors), so that the
+        module can decode inside and outside ``torch.inference_mode`` alike."""
+        device = like.device
+        with torch.inference_mode(False), torch.no_grad():
+            static_in = torch.zeros(like.shape, dtype=like.dtype, device=device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    module._products(static_in)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if device not in _GRAPH_POOLS:
+                _GRAPH_POOLS[device] = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=_GRAPH_POOLS[device]):
+                static_out = module._products(static_in)
+        return cls(key, static_in, static_out, graph)
 
 
 def _check_shapes(A_shape: Any, B_shape: Any, d_out: int, d_in: int, bias_shape: Any | None) -> None:
