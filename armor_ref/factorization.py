@@ -383,8 +383,9 @@ def choose_support(
     * ``best`` = the cheapest of the 6 supports (the first on an exact tie);
     * switch to it only if ``cost_best < cost_current − (TIE_RTOL · (|cost_current| + |cost_now|) + TINY)``,
       where ``cost_current`` is the optimum on the current support and ``cost_now = φ(s)``; else keep the support;
-    * write the chosen support's optimal values only on a strict decrease ``cost_chosen < cost_now``, and never
-      for ``‖a‖ = 0``.
+    * write the chosen support's optimal values only on a decrease by more than the same margin,
+      ``cost_chosen < cost_now − margin``, and never for ``‖a‖ = 0`` (without the margin, a group already at its
+      optimum would be rewritten or not on the last bit of rounding).
 
     Returns the new values (4,), the new mask (4,) and whether the support changed."""
     u, cost = support_costs(Q_ss, Q_ss_pinv, ell, a_norm2)
@@ -394,7 +395,7 @@ def choose_support(
     margin = TIE_RTOL * (abs(cost[current]) + abs(cost_now)) + TINY
     switch = bool(cost[best] < cost[current] - margin)
     chosen = best if switch else current
-    if not (a_norm2 > 0 and cost[chosen] < cost_now):
+    if not (a_norm2 > 0 and cost[chosen] < cost_now - margin):
         return s, m, False
     new_mask = np.zeros(GROUP, dtype=bool)
     new_mask[SUPPORTS[chosen]] = True

@@ -360,13 +360,14 @@ def decide(
     """The discrete decision rule of the reference, for groups on support ``current`` (...) with support costs
     ``cost`` (..., 6) and current cost ``cost_now = φ(s)`` (...): the cheapest support is chosen only if strictly
     cheaper than the current support's optimum (by more than ``tie`` relative; on a tie the current one stays), and
-    the new values are accepted only if ``φ`` strictly decreases, never for ``a = 0``. Returns the chosen support
+    the new values are accepted only if ``φ`` decreases by more than the same margin, never for ``a = 0``. Returns the chosen support
     (...), whether it differs from the current one, and whether the new values are accepted."""
     cost_current = xp.pick(cost, current)
     best = cost.argmin(-1)
     best_cost = xp.pick(cost, best)
-    switch = best_cost < cost_current - (tie * (xp.abs(cost_current) + xp.abs(cost_now)) + TINY)
-    accept = (a_norm2 > 0) & (xp.where(switch, best_cost, cost_current) < cost_now)
+    margin = tie * (xp.abs(cost_current) + xp.abs(cost_now)) + TINY
+    switch = best_cost < cost_current - margin
+    accept = (a_norm2 > 0) & (xp.where(switch, best_cost, cost_current) < cost_now - margin)
     return xp.where(switch, best, current), switch, accept
 
 
