@@ -42,8 +42,10 @@ PSD_PINV_CUTOFF = 1e-12
 #: singular values below ``PINV_RTOL · σ_max`` count as zero in the least-squares pseudo-inverses of the A- and
 #: B-steps: directions weaker than that are left where they are (keeps B bounded for duplicated or dead columns)
 PINV_RTOL = 1e-6
-#: conjugate-gradient iterations of one core-values step (warm-started from the current values every sweep)
-CORE_CG_ITERATIONS = 20
+#: conjugate-gradient iterations of one core-values step (warm-started from the current values every sweep). Each
+#: costs one d_out×d_in×d_in product; on real MiniLM layers 8 iterations and a few more sweeps reach a lower loss in
+#: the same time than 20 (spec §5.4)
+CORE_CG_ITERATIONS = 8
 #: the core-values CG stops once ``‖residual‖ ≤ CORE_CG_RTOL · ‖right-hand side‖``
 CORE_CG_RTOL = 1e-10
 #: ridge of the core step's block-Jacobi preconditioner, relative to the mean of its diagonal
