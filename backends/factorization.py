@@ -360,8 +360,8 @@ def decide(
     """The discrete decision rule of the reference, for groups on support ``current`` (...) with support costs
     ``cost`` (..., 6) and current cost ``cost_now = φ(s)`` (...): the cheapest support is chosen only if strictly
     cheaper than the current support's optimum (by more than ``tie`` relative; on a tie the current one stays), and
-    the new values are accepted only if ``φ`` decreases by more than the same margin, never for ``a = 0``. Returns the chosen support
-    (...), whether it differs from the current one, and whether the new values are accepted."""
+    the new values are accepted only if ``φ`` decreases by more than the same margin, never for ``a = 0``. Returns
+    the chosen support (...), whether it differs from the current one, and whether the new values are accepted."""
     cost_current = xp.pick(cost, current)
     best = cost.argmin(-1)
     best_cost = xp.pick(cost, best)

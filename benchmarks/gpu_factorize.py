@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--proxy", default="hessian", choices=["hessian", "nowag"])
-    parser.add_argument("--sweeps", type=int, default=None, help="default: the reference's (hessian 20, nowag 30)")
+    parser.add_argument("--sweeps", type=int, default=None, help="default: the reference's cap and tolerance")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
