@@ -255,11 +255,11 @@ def core_values_step(
 
     # block-Jacobi preconditioner on the b/2 kept entries of each (row, column block), increasing positions
     kept = xp.argsort_stable(xp.astype(~M.reshape(d_out, K, b), xp.int64))[..., :half]  # (d_out, K, b/2)
-    C_kept = C_blocks[xp.arange(K)[None, :, None, None], kept[..., :, None], kept[..., None, :]]
-    P = xp.diagonal(AtA, 0, -2, -1).reshape(d_out, 1, 1, 1) * C_kept  # (d_out, K, b/2, b/2), PSD
-    del C_kept
+    P = C_blocks[xp.arange(K)[None, :, None, None], kept[..., :, None], kept[..., None, :]]  # C_kk[J, J]
+    P *= xp.diagonal(AtA, 0, -2, -1).reshape(d_out, 1, 1, 1)  # (d_out, K, b/2, b/2), PSD, formed in place
     ridge = PRECONDITIONER_RIDGES[dtype_name(A.dtype)] * xp.diagonal(P, 0, -2, -1).sum(-1) / half + TINY
-    P_inv = xp.linalg.inv(P + ridge[..., None, None] * xp.eye(half, dtype=P.dtype)).reshape(-1, half, half)
+    P.reshape(d_out, K, half * half)[..., :: half + 1] += ridge[..., None]  # + ρ I, on the diagonal's view
+    P_inv = xp.linalg.inv(P).reshape(-1, half, half)
     del P
     flat = (xp.arange(d_out * K)[:, None] * b + kept.reshape(-1, half)).reshape(-1)  # kept entries of S.reshape(-1)
 
