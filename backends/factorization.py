@@ -23,6 +23,9 @@ What differs, for speed and memory only:
 * ``G = (T − Ŵ) H`` is kept current lazily (:func:`g_columns`): a column block reads its columns of ``G`` as
   ``G₀[:, k] + ΔE[:, :k] H[:k, k]`` from the change ``ΔE`` of the blocks before it, instead of a rank-b update of
   the whole matrix per column block (B-step and discrete step);
+* the error ``E = T − Ŵ`` and ``G = E H`` behind each step's loss (:class:`Residual`) are handed to the next step,
+  which would otherwise form ``E H`` again: the B-step's and the discrete step's ``G₀``, and the core step's first
+  CG residual ``M ⊙ Aᵀ G Bᵀ`` (the reference: ``n − 𝕄S``, the same number up to rounding);
 * the reference's fancy-indexed :func:`update_groups` is kept for the Adam schedule's per-tile draws only.
 """
 
@@ -182,6 +185,25 @@ class Factors:
         return Factors(xp, xp.copy(self.A), xp.copy(self.B), xp.copy(self.S), xp.copy(self.M))
 
 
+@dataclass
+class Residual:
+    """The error at the current point and its product with ``H``: ``E = T − Ŵ``, ``G = E H`` (d_out, d_in) and the
+    loss ``L = ⟨E, G⟩``. :func:`run_bcd` computes it once after each step, for the loss, and hands it to the next
+    step, which would otherwise form the same product ``E H`` again (the B-step's ``G₀``, the core step's first
+    residual ``M ⊙ Aᵀ G Bᵀ``, the discrete step's ``G₀``)."""
+
+    E: Array
+    G: Array
+    loss: float
+
+
+def residual_at(problem: Problem, f: Factors) -> Residual:
+    """:class:`Residual` of the factors ``f`` (the loss exactly as :meth:`Problem.loss` computes it)."""
+    E = problem.target - f.W_hat()
+    G = problem.times_H(E)
+    return Residual(E, G, dot(G, E))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The continuous steps (spec §5)
 # ----------------------------------------------------------------------------------------------------------
@@ -195,21 +217,22 @@ def a_step(problem: Problem, f: Factors) -> None:
     f.A += EF @ lstsq_pinv(xp, PF)
 
 
-def b_step(problem: Problem, f: Factors) -> None:
+def b_step(problem: Problem, f: Factors, at: Residual | None = None) -> None:
     """B-step with ``Q_k = A S[:, cols k]`` (d_out, b) and ``Q_k⁺`` by SVD. nowag: ``B_k += Q_k⁺ E[:, cols k]``, all k
     at once. hessian: Gauss–Seidel over k, ``ΔB_k = Q_k⁺ G[:, cols k] H_kk⁺``, with ``G = (T − Ŵ) H`` kept current
-    lazily (:func:`g_columns`; ``Ŵ`` changes by ``Q_k ΔB_k`` on the columns of block k)."""
+    lazily (:func:`g_columns`; ``Ŵ`` changes by ``Q_k ΔB_k`` on the columns of block k). ``at``: the
+    :class:`Residual` at the current point, if the caller has it."""
     xp = f.xp
     K, b, _ = f.B.shape
+    at = at if at is not None else residual_at(problem, f)
     Q = blockdiag_left(f.A, f.S)  # (d_out, d_in); Q[:, cols k] = Q_k
     Qk = xp.swapaxes(Q.reshape(Q.shape[0], K, b), 0, 1)  # (K, d_out, b)
     Qk_pinv = lstsq_pinv(xp, Qk)  # (K, b, d_out)
-    E = problem.target - blockdiag_right(xp, Q, f.B)
     if problem.H is None:
-        f.B += Qk_pinv @ xp.swapaxes(E.reshape(E.shape[0], K, b), 0, 1)
+        f.B += Qk_pinv @ xp.swapaxes(at.E.reshape(at.E.shape[0], K, b), 0, 1)
         return
     H = problem.H
-    G0 = E @ H
+    G0 = at.G
     dE = xp.zeros(Q.shape, dtype=Q.dtype)  # −(change of Ŵ) on the blocks done so far
     Hkk_pinv = psd_pinv(xp, diagonal_blocks(problem, b))
     for k in range(K):
@@ -220,12 +243,19 @@ def b_step(problem: Problem, f: Factors) -> None:
 
 
 def core_values_step(
-    problem: Problem, f: Factors, max_iter: int = CORE_CG_ITERATIONS, rtol: float = CORE_CG_RTOL
+    problem: Problem,
+    f: Factors,
+    max_iter: int = CORE_CG_ITERATIONS,
+    rtol: float = CORE_CG_RTOL,
+    at: Residual | None = None,
 ) -> None:
     """Core-values step: ``M ⊙ (AᵀA S (B H Bᵀ)) = M ⊙ (Aᵀ T H Bᵀ)`` by preconditioned CG from the current values,
     each step an exact line minimisation (the loss never increases). Preconditioner: for row ``i`` and column
-    block ``k``, ``(AᵀA)_ii · C_kk[J, J]`` on the kept entries ``J`` (``C = B H Bᵀ``)."""
+    block ``k``, ``(AᵀA)_ii · C_kk[J, J]`` on the kept entries ``J`` (``C = B H Bᵀ``). The first residual
+    ``n − 𝕄S = M ⊙ (Aᵀ G Bᵀ)`` is read off the :class:`Residual` ``at`` (``G = (T − Ŵ) H``; computed if not given)
+    instead of a product with ``C``."""
     xp = f.xp
+    at = at if at is not None else residual_at(problem, f)
     A, B, M = f.A, f.B, f.M
     d_out, d_in = M.shape
     b = f.block_size
@@ -252,11 +282,11 @@ def core_values_step(
 
     # block-Jacobi preconditioner on the b/2 kept entries of each (row, column block), increasing positions
     kept = xp.argsort_stable(xp.astype(~M.reshape(d_out, K, b), xp.int64))[..., :half]  # (d_out, K, b/2)
-    C_kept = C_blocks[xp.arange(K)[None, :, None, None], kept[..., :, None], kept[..., None, :]]
-    P = xp.diagonal(AtA, 0, -2, -1).reshape(d_out, 1, 1, 1) * C_kept  # (d_out, K, b/2, b/2), PSD
-    del C_kept
+    P = C_blocks[xp.arange(K)[None, :, None, None], kept[..., :, None], kept[..., None, :]]  # C_kk[J, J]
+    P *= xp.diagonal(AtA, 0, -2, -1).reshape(d_out, 1, 1, 1)  # (d_out, K, b/2, b/2), PSD, formed in place
     ridge = PRECONDITIONER_RIDGES[dtype_name(A.dtype)] * xp.diagonal(P, 0, -2, -1).sum(-1) / half + TINY
-    P_inv = xp.linalg.inv(P + ridge[..., None, None] * xp.eye(half, dtype=P.dtype)).reshape(-1, half, half)
+    P.reshape(d_out, K, half * half)[..., :: half + 1] += ridge[..., None]  # + ρ I, on the diagonal's view
+    P_inv = xp.linalg.inv(P).reshape(-1, half, half)
     del P
     flat = (xp.arange(d_out * K)[:, None] * b + kept.reshape(-1, half)).reshape(-1)  # kept entries of S.reshape(-1)
 
@@ -265,9 +295,10 @@ def core_values_step(
         out[flat] = xp.einsum("nij,nj->ni", P_inv, X.reshape(-1)[flat].reshape(-1, half)).reshape(-1)
         return out.reshape(d_out, d_in)
 
-    rhs = Mf * blockdiag_right(xp, blockdiag_left(transpose_blocks(xp, A), problem.target_times_H), Bt)
+    At = transpose_blocks(xp, A)
+    rhs = Mf * blockdiag_right(xp, blockdiag_left(At, problem.target_times_H), Bt)
     X = f.S * Mf
-    residual = rhs - operator(X)  # = −½ masked gradient
+    residual = Mf * blockdiag_right(xp, blockdiag_left(At, at.G), Bt)  # n − 𝕄X = −½ masked gradient
     z = precondition(residual)
     direction = xp.copy(z)
     rz = dot(residual, z)
@@ -356,13 +387,14 @@ def decide(
     """The discrete decision rule of the reference, for groups on support ``current`` (...) with support costs
     ``cost`` (..., 6) and current cost ``cost_now = φ(s)`` (...): the cheapest support is chosen only if strictly
     cheaper than the current support's optimum (by more than ``tie`` relative; on a tie the current one stays), and
-    the new values are accepted only if ``φ`` strictly decreases, never for ``a = 0``. Returns the chosen support
-    (...), whether it differs from the current one, and whether the new values are accepted."""
+    the new values are accepted only if ``φ`` decreases by more than the same margin, never for ``a = 0``. Returns
+    the chosen support (...), whether it differs from the current one, and whether the new values are accepted."""
     cost_current = xp.pick(cost, current)
     best = cost.argmin(-1)
     best_cost = xp.pick(cost, best)
-    switch = best_cost < cost_current - (tie * (xp.abs(cost_current) + xp.abs(cost_now)) + TINY)
-    accept = (a_norm2 > 0) & (xp.where(switch, best_cost, cost_current) < cost_now)
+    margin = tie * (xp.abs(cost_current) + xp.abs(cost_now)) + TINY
+    switch = best_cost < cost_current - margin
+    accept = (a_norm2 > 0) & (xp.where(switch, best_cost, cost_current) < cost_now - margin)
     return xp.where(switch, best, current), switch, accept
 
 
@@ -476,19 +508,20 @@ def column_block_walk(xp: Namespace) -> Callable[..., Array]:
     return discrete_kernel.walk_column_block_fused
 
 
-def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator) -> int:
+def discrete_step(problem: Problem, f: Factors, rng: np.random.Generator, at: Residual | None = None) -> int:
     """Re-choose 2:4 supports group by group (spec §5, the reference's ``discrete_step``): screen every group alone
     at the current point (:func:`improvable_groups`), then, batch after batch, visit the positions ``(p, g)`` where
     some group of the batch can improve, in the order of ``rng.permutation`` (drawn only for a batch with such a
     position), with :func:`walk_column_block` or its fused kernel (:func:`column_block_walk`). Batches: nowag, all
     column blocks at once (``H`` diagonal, so they do not interact); hessian, one column block after another, each
-    reading its columns of ``G = (T − Ŵ) H`` current (:func:`g_columns`). Returns the number of support changes."""
+    reading its columns of ``G = (T − Ŵ) H`` current (:func:`g_columns`). ``G₀`` is the :class:`Residual` ``at``'s
+    (computed if not given). Returns the number of support changes."""
     xp = f.xp
     R, b, _ = f.A.shape
     K = f.B.shape[0]
     nb = b // GROUP
     tie = TIE_TOLERANCE[dtype_name(f.S.dtype)]
-    G0 = problem.times_H(problem.target - f.W_hat())
+    G0 = (at if at is not None else residual_at(problem, f)).G
     At, Bt = transpose_blocks(xp, f.A), transpose_blocks(xp, f.B)
     L = blockdiag_right(xp, blockdiag_left(At, G0), Bt)  # Aᵀ G Bᵀ (d_out, d_in), its entries are ℓ's first term
     tables = group_tables(xp, f.B, diagonal_blocks(problem, b))
@@ -588,36 +621,39 @@ def run_bcd(
     on_sweep: Callable[[int, float], None] | None = None,
 ) -> tuple[list[dict], int]:
     """Sweeps of A-, B-, core-values and discrete steps, the loss recorded after every step; stops after ``sweeps``
-    or when a sweep improves the loss by less than ``tol`` relative.
+    or when a sweep improves the loss by less than ``tol`` relative. The loss after each step comes with ``E`` and
+    ``G = E H`` (:func:`residual_at`), which the next step takes instead of forming ``E H`` itself.
 
     A production safety net the reference does not need: a step whose computed loss rose (float32 on a GPU can
     round upwards near an exact fit) is undone and recorded as ``{"reverted": True, "rise": ...}``. In float64 on
     well-conditioned layers that never happens; the tests fail if it does."""
-    loss = problem.loss(f.W_hat())
-    trace = [{"sweep": 0, "step": "init", "loss": loss}]
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("A", lambda: a_step(problem, f)),
-        ("B", lambda: b_step(problem, f)),
-        ("core", lambda: core_values_step(problem, f)),
-        ("discrete", lambda: discrete_step(problem, f, rng)),
+    at = residual_at(problem, f)
+    trace = [{"sweep": 0, "step": "init", "loss": at.loss}]
+    steps: list[tuple[str, Callable[[Residual], object]]] = [
+        ("A", lambda _: a_step(problem, f)),
+        ("B", lambda at: b_step(problem, f, at=at)),
+        ("core", lambda at: core_values_step(problem, f, at=at)),
+        ("discrete", lambda at: discrete_step(problem, f, rng, at=at)),
     ]
     done = 0
     for sweep in range(1, sweeps + 1):
-        start_loss = loss
+        start_loss = at.loss
         for name, step in steps:
             saved = f.copy()
-            step()
-            new_loss = problem.loss(f.W_hat())
-            if new_loss > loss:
+            step(at)
+            new = residual_at(problem, f)
+            if new.loss > at.loss:
                 f.A, f.B, f.S, f.M = saved.A, saved.B, saved.S, saved.M
-                trace.append({"sweep": sweep, "step": name, "loss": loss, "reverted": True, "rise": new_loss - loss})
+                trace.append(
+                    {"sweep": sweep, "step": name, "loss": at.loss, "reverted": True, "rise": new.loss - at.loss}
+                )
                 continue
-            loss = new_loss
-            trace.append({"sweep": sweep, "step": name, "loss": loss})
+            at = new
+            trace.append({"sweep": sweep, "step": name, "loss": at.loss})
         done = sweep
         if on_sweep is not None:
-            on_sweep(sweep, loss)
-        if start_loss - loss <= tol * start_loss:
+            on_sweep(sweep, at.loss)
+        if start_loss - at.loss <= tol * start_loss:
             break
     return trace, done
 

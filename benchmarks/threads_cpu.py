@@ -4,7 +4,7 @@ For each real all-MiniLM-L6-v2 layer (encoder layer 2: 384×384 query, 1536×384
 real inputs captured on ``pydoc_data.topics`` text as in ``make_demo_data.py``) and each proxy, every configuration
 — backend (``numpy``: the fast path on NumPy; ``torch-f64``, ``torch-f32``: the fast path on torch's CPU;
 ``reference``: the plain reference, with ``--reference``) × thread count (``--threads``, default 1 … all cores) —
-runs ``factorize`` at the given settings (default: the library defaults, 30 nowag / 20 hessian sweeps). Runs
+runs ``factorize`` at the given settings (default: the library defaults, the stopping rule of spec §5.6). Runs
 alternate: each repeat rotates the order of the configurations, so machine load hits them alike. Two conditions:
 ``idle`` (whatever else runs on the machine is recorded, not controlled: run it on an idle machine) and ``busy``
 (this script starts one busy-loop process, waits ``--settle`` seconds so the load average shows it, and stops it
@@ -212,7 +212,7 @@ def main() -> None:
         "cores_available": cores,
         "data": f"all-MiniLM-L6-v2 encoder layer 2, {args.tokens} tokens of pydoc_data.topics",
         "settings": {
-            "sweeps": args.sweeps or "library defaults (nowag 30, hessian 20)",
+            "sweeps": args.sweeps or "library defaults (DEFAULT_SWEEPS cap, DEFAULT_TOL)",
             "threads": args.threads,
             "backends": args.backends,
             "repeats": args.repeats,

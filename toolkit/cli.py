@@ -22,6 +22,7 @@ import click
 import numpy as np
 
 from armor_ref.factorization import (
+    BUDGET_HELP,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_INIT,
     DEFAULT_SWEEPS,
@@ -302,7 +303,7 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     "--sweeps",
     type=click.IntRange(min=0),
     default=None,
-    help="Sweep budget [default: 30 nowag, 20 hessian]; iterations for --schedule adam.",
+    help=f"Sweep cap [default: {BUDGET_HELP} (--tol)]; iterations for --schedule adam.",
 )
 @click.option(
     "--tol",
@@ -310,7 +311,8 @@ def resolve_factorize(backend: str, device: str) -> Callable:
     default=DEFAULT_TOL,
     show_default=True,
     callback=finite_non_negative,
-    help="Stop when a sweep improves the loss by less than this fraction (>= 0).",
+    help="Stop after the first sweep that lowers the loss by no more than this fraction of it (>= 0; 0: run "
+    "all --sweeps).",
 )
 @click.option(
     "--damping",
@@ -809,14 +811,14 @@ def write_dense_directory(directory: Path, output: Path) -> None:
     type=click.IntRange(min=0),
     default=DEMO_SWEEPS["nowag"],
     show_default=True,
-    help="Sweeps of ARMOR with the nowag proxy (the full default is 30).",
+    help="Sweeps of ARMOR with the nowag proxy (the full default: " + BUDGET_HELP + ").",
 )
 @click.option(
     "--sweeps-hessian",
     type=click.IntRange(min=0),
     default=DEMO_SWEEPS["hessian"],
     show_default=True,
-    help="Sweeps of ARMOR with the hessian objective (the full default is 20).",
+    help="Sweeps of ARMOR with the hessian objective (the full default: " + BUDGET_HELP + ").",
 )
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -846,7 +848,7 @@ def demo(
     \b
     Examples:
         armor-ref demo
-        armor-ref demo --tensors '*query*' --sweeps-nowag 30 --sweeps-hessian 20
+        armor-ref demo --tensors '*query*' --sweeps-nowag 40 --sweeps-hessian 40
     """
     t_start = time.perf_counter()
     tensors, _ = read_safetensors(DEMO_WEIGHTS)

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from armor_ref.factorization import BUDGET_HELP
 from backends.threads import limit_threads
 
 from .compress import METHODS, CompressSettings
@@ -97,7 +98,7 @@ def _init_distributed(device: str) -> None:
     "--sweeps",
     type=click.IntRange(min=0),
     default=None,
-    help="BCD sweeps per layer [default: 30 nowag / 20 hessian].",
+    help=f"BCD sweep cap per layer [default: {BUDGET_HELP}].",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(

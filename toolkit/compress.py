@@ -134,7 +134,7 @@ class CompressSettings:
     nsamples: int = 64
     seqlen: int = 128
     block_size: int = 32
-    sweeps: int | None = None  # None: the reference defaults (30 nowag / 20 hessian)
+    sweeps: int | None = None  # None: the reference's cap (DEFAULT_SWEEPS), stopping at DEFAULT_TOL
     seed: int = 0
     backend: str = "numpy"
     device: str = "cpu"

@@ -9,8 +9,9 @@ the row block, columns ``4g … 4g+3`` of the column block — exactly as the lo
     s = S[r, p, k, g]   a2 = a_norm2[r, p]   a2' = a2 if a2 > 0 else 1   first = L[r, p, k, g]
     ℓ = first + a2 · Q[k, g] s                         cost_now = −sᵀ(ℓ + first)      (= a2 sᵀQs − 2 sᵀℓ)
     cost_s = ℓ_sᵀ Z_s ℓ_s / a2'   u_s = P_s ℓ_s / a2'   (the 6 supports s; Z_s, P_s read from the table T[k, g])
-    best = first argmin of cost;  switch = cost[best] < cost[current] − (tie · (|cost[current]| + |cost_now|) + TINY)
-    chosen = best if switch else current;  accept = a2 > 0 and cost[chosen] < cost_now
+    margin = tie · (|cost[current]| + |cost_now|) + TINY
+    best = first argmin of cost;  switch = cost[best] < cost[current] − margin
+    chosen = best if switch else current;  accept = a2 > 0 and cost[chosen] < cost_now − margin
     if accept: S[r, p, k, g] ← u_chosen, M[r, p, k, g] ← the chosen support; δ = new s − old s
                L[r, :, k] −= AtA[r][:, p] ⊗ (δᵀ BHBt[k][4g:4g+4, :])
 
@@ -142,9 +143,10 @@ if triton is not None:
             cost_current = tl.sum(tl.where(i_8 == current, cost, zero), axis=0)
             cost_best = tl.min(cost, axis=0)
             best = tl.min(tl.where(cost == cost_best, i_8, 8), axis=0)
-            switch = cost_best < cost_current - (tie * (tl.abs(cost_current) + tl.abs(cost_now)) + tiny)
+            margin = tie * (tl.abs(cost_current) + tl.abs(cost_now)) + tiny
+            switch = cost_best < cost_current - margin
             chosen = tl.where(switch, best, current)
-            accept = (a2 > 0) & (tl.where(switch, cost_best, cost_current) < cost_now)
+            accept = (a2 > 0) & (tl.where(switch, cost_best, cost_current) < cost_now - margin)
             if accept:
                 pick = i_8 == chosen
                 c0 = tl.sum(tl.where(pick, p0, 0), axis=0)
