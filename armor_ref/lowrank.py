@@ -24,6 +24,10 @@ weights, exactly the hessian objective's damping when ``X' = X`` (AA-SVD's publi
 ``(−λ_min + 10⁻³) · I`` to ``G'`` alone, and only when its Cholesky factorisation fails; see the spec).
 Each ``*_loss`` function below evaluates the objective its solver minimises; ``damping=0`` gives the raw
 output error.
+
+The anchored loss is not tied to low rank: for any replacement ``Ŵ`` it is the hessian objective around the target
+:func:`anchored_target` ``T = W C_δ G'_δ⁻¹`` with weight ``G'_δ``, up to a constant — which is how ARMOR uses it
+(``armor-anchored``, spec §7).
 """
 
 from __future__ import annotations
@@ -201,6 +205,22 @@ def anchored_loss(
     fit = np.sum((W_low @ (G_shift + D)) * W_low)  # tr(W' G'_δ W'ᵀ)
     cross = np.sum((W @ (C + D)) * W_low)  # tr(W C_δ W'ᵀ)
     return float(np.sum((W @ (G + D)) * W) - 2.0 * cross + fit)
+
+
+def anchored_target(W: np.ndarray, G_shift: np.ndarray, C: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:
+    """The target ``T = W C_δ G'_δ⁻¹`` (d_out, d_in) of the anchored objective written as a hessian objective (spec §7):
+
+        ‖X Wᵀ − X' Ŵᵀ‖² + δ ‖W − Ŵ‖²_F = tr((T − Ŵ) G'_δ (T − Ŵ)ᵀ) + tr(W G_δ Wᵀ) − tr(T G'_δ Tᵀ)
+
+    for every ``Ŵ`` (expand: ``T G'_δ = W C_δ``), with ``G'_δ = G' + δI``, ``C_δ = C + δI`` (:func:`damping_shift`).
+    The last two terms do not depend on ``Ŵ``: any method minimising the damped hessian objective
+    ``tr((T − Ŵ) G'_δ (T − Ŵ)ᵀ)`` — ARMOR with ``proxy="hessian"`` on ``(T, G')``, whose damping is this very ``δ``
+    — minimises the damped anchored loss. With ``X' = X`` (``C = G' = G``) the target is ``W``.
+    Solved with the Cholesky factor of ``G'_δ``: ``Tᵀ = G'_δ⁻¹ C_δᵀ Wᵀ``."""
+    W = np.asarray(W, dtype=np.float64)  # (d_out, d_in)
+    D = damping_shift(G_shift, damping)  # δ I (d_in, d_in)
+    factor = scipy.linalg.cho_factor(G_shift + D, lower=True)  # G'_δ = L Lᵀ
+    return scipy.linalg.cho_solve(factor, (C + D).T @ W.T).T  # (d_out, d_in)
 
 
 def output_loss(W: np.ndarray, W_low: np.ndarray, G: np.ndarray, damping: float = DEFAULT_DAMPING) -> float:
