@@ -82,7 +82,7 @@ def rank_for_ratio(ratio: float, d_out: int, d_in: int) -> int:
     return k
 
 
-def _check_rank(k: int, d_out: int, d_in: int) -> None:
+def check_rank(k: int, d_out: int, d_in: int) -> None:
     if not 1 <= k <= min(d_out, d_in):
         raise ValueError(f"rank {k} is outside 1..{min(d_out, d_in)} for a {d_out}×{d_in} layer")
 
@@ -103,7 +103,7 @@ def plain_svd(W: np.ndarray, k: int) -> LowRank:
 
     ``U = U_k Σ_k^{1/2}`` (d_out, k), ``V = Σ_k^{1/2} V_kᵀ`` (k, d_in)."""
     W = np.asarray(W, dtype=np.float64)  # (d_out, d_in)
-    _check_rank(k, *W.shape)
+    check_rank(k, *W.shape)
     return LowRank(*truncated_factors(W, k))
 
 
@@ -128,7 +128,7 @@ def whitened_svd(W: np.ndarray, Q: np.ndarray, P: np.ndarray, k: int) -> LowRank
     Raises ``ValueError`` when ``Q`` is not positive definite (undamped, rank-deficient inputs).
     """
     W = np.asarray(W, dtype=np.float64)  # (d_out, d_in)
-    _check_rank(k, *W.shape)
+    check_rank(k, *W.shape)
     try:
         L = np.linalg.cholesky(Q)  # (d_in, d_in), lower, Q = L Lᵀ
     except np.linalg.LinAlgError:
@@ -230,3 +230,25 @@ def output_loss(W: np.ndarray, W_low: np.ndarray, G: np.ndarray, damping: float 
     ``anchored_loss(W, W', G, G, G, damping)``."""
     E = np.asarray(W, dtype=np.float64) - np.asarray(W_low, dtype=np.float64)  # (d_out, d_in)
     return float(np.sum((E @ damped(G, damping)) * E))
+
+
+def solve_lowrank(
+    objective: str,
+    W: np.ndarray,
+    k: int,
+    G: np.ndarray | None = None,
+    G_shift: np.ndarray | None = None,
+    C: np.ndarray | None = None,
+    damping: float = DEFAULT_DAMPING,
+) -> LowRank:
+    """The closed form of ``objective`` (one of :data:`OBJECTIVES`) at rank ``k``, given the Gram matrices it needs:
+    none for ``svd``, ``G`` for ``svd-llm``, ``G_shift`` for ``shifted``, ``G_shift`` and ``C`` for ``aa-svd``."""
+    if objective == "svd":
+        return plain_svd(W, k)
+    if objective == "svd-llm":
+        return svd_llm(W, G, k, damping)
+    if objective == "shifted":
+        return shifted_svd(W, G_shift, k, damping)
+    if objective == "aa-svd":
+        return aa_svd(W, G_shift, C, k, damping)
+    raise ValueError(f"unknown low-rank objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
