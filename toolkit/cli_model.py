@@ -218,8 +218,9 @@ def compress(
         for note in report.get("notes", []):
             click.echo(f"note: {note}", err=True)
         errors = [layer["relative_output_error"] for layer in report["layers"]]
+        refined = f", block refinement {report['seconds_refine']:.1f} s" if report.get("seconds_refine") else ""
         click.echo(
-            f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s; "
+            f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s{refined}; "
             f"relative output error mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; "
             f"written to {out_dir}" + (f" (plot: {report['error_plot']})" if "error_plot" in report else "")
         )
