@@ -147,7 +147,8 @@ def trainable(linear: torch.nn.Linear, result: Any) -> torch.nn.Module:
 class Refinement:
     """What a block's refinement changed: the factors of each refined linear (``{rel: {"U": …, "V": …}}`` or
     ``A``/``B``/``S``/``M``; empty when reverted), the refined 1-D parameters (norm weights, biases) by their name in
-    the block, and the report (epochs, steps, block loss before and after, seconds, ``reverted``)."""
+    the block, and the report (epochs, steps, the block loss before, after (as kept) and as trained, seconds,
+    ``reverted``)."""
 
     factors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
@@ -235,6 +236,7 @@ def refine_block(
         "sequences": sequences,
         "block_loss_before": before,
         "block_loss_after": before if reverted else after,
+        "block_loss_trained": after,  # what the training reached, also when it was undone
         "reverted": reverted,
         "seconds": time.perf_counter() - t0,
     }
