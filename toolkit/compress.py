@@ -20,8 +20,13 @@ concurrent runs and bad numbers.
    the tensor); for each *group* of linears (:mod:`toolkit.models`: q/k/v, then o, then the MLP input projections,
    then the MLP output projection), accumulate each linear's Gram matrix ``Xᵀ X`` over the stream (so a group sees
    the outputs of the groups already compressed), compress each linear (:func:`compress_group`: ``factorize`` of the
-   chosen backend, or a 2:4 baseline) and put ``Ŵ`` into the block; then forward the stream through the compressed
-   block (its outputs, finite, enter the next block). :meth:`Output.save_block` writes the block's shard, the stream
+   chosen backend, a 2:4 baseline, or a low-rank closed form) and put ``Ŵ`` into the block; then forward the stream
+   through the compressed block (its outputs, finite, enter the next block). **Two streams** (the anchored and
+   low-rank methods, and any run that refines; docs/aa-svd-spec.md): the stream also carries the original model's
+   block inputs, a dense copy of the block stays beside the compressed one, each group gets ``G = XᵀX``,
+   ``G' = X'ᵀX'`` and ``C = XᵀX'`` (:func:`accumulate_anchored_grams`) where the method needs them, the original
+   stream advances through the dense block, and the block is refined (:mod:`toolkit.refine`) before the compressed
+   stream advances. :meth:`Output.save_block` writes the block's shard, the stream
    entering the next block, and the manifest, whose write is what makes the block *finished*; the block is released:
    only one block's weights are ever in memory, which is what lets a model larger than memory be compressed.
 5. **LM head** (``lm_head``): compressed on the final normed hidden states of the compressed model, its own shard; a
@@ -30,8 +35,9 @@ concurrent runs and bad numbers.
    and tokenizer files (:func:`write_output_config`), the index, the report (:func:`build_report`), and last the
    manifest marked complete; then the lock is released.
 
-Every method writes the spec §6 layout (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with
-``A = B = I``, so every output loads the same way and file sizes compare fairly.
+Every 2:4 method writes the spec §6 layout (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with
+``A = B = I``, so every output loads the same way and file sizes compare fairly. The low-rank methods write
+``NAME.lowrank.U/V`` in the same shards (:mod:`toolkit.armor_format`).
 
 **What is guaranteed.** Every file is written through :func:`toolkit.files.atomic_write`, every step after a finished
 block is deterministic, and the manifest records only what is durably on disk. So a run killed at any moment, or
