@@ -710,8 +710,9 @@ def inspect_directory(directory: Path) -> None:
         if manifest
         else "no run manifest (written by save_pretrained, not by compress): not checked against one"
     )
+    blocks = f", block size {quantization['block_size']}" if any(armor.layers for armor in armors) else ""
     click.echo(
-        f"{directory}: compressed model, method {quantization.get('method')}, block size {quantization['block_size']}"
+        f"{directory}: compressed model, method {quantization.get('method')}{blocks}"
         f"; dense model {dense.get('model_type')}, {dense.get('dtype')}; {checked}"
     )
     click.echo(factor_tables(armors))
