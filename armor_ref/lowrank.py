@@ -24,6 +24,10 @@ weights, exactly the hessian objective's damping when ``X' = X`` (AA-SVD's publi
 ``(−λ_min + 10⁻³) · I`` to ``G'`` alone, and only when its Cholesky factorisation fails; see the spec).
 Each ``*_loss`` function below evaluates the objective its solver minimises; ``damping=0`` gives the raw
 output error.
+
+The anchored loss is not tied to low rank: for any replacement ``Ŵ`` it is the hessian objective around the target
+:func:`anchored_target` ``T = W C_δ G'_δ⁻¹`` with weight ``G'_δ``, up to a constant — which is how ARMOR uses it
+(``armor-anchored``, spec §7).
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def rank_for_ratio(ratio: float, d_out: int, d_in: int) -> int:
     return k
 
 
-def _check_rank(k: int, d_out: int, d_in: int) -> None:
+def check_rank(k: int, d_out: int, d_in: int) -> None:
     if not 1 <= k <= min(d_out, d_in):
         raise ValueError(f"rank {k} is outside 1..{min(d_out, d_in)} for a {d_out}×{d_in} layer")
 
@@ -99,7 +103,7 @@ def plain_svd(W: np.ndarray, k: int) -> LowRank:
 
     ``U = U_k Σ_k^{1/2}`` (d_out, k), ``V = Σ_k^{1/2} V_kᵀ`` (k, d_in)."""
     W = np.asarray(W, dtype=np.float64)  # (d_out, d_in)
-    _check_rank(k, *W.shape)
+    check_rank(k, *W.shape)
     return LowRank(*truncated_factors(W, k))
 
 
@@ -124,7 +128,7 @@ def whitened_svd(W: np.ndarray, Q: np.ndarray, P: np.ndarray, k: int) -> LowRank
     Raises ``ValueError`` when ``Q`` is not positive definite (undamped, rank-deficient inputs).
     """
     W = np.asarray(W, dtype=np.float64)  # (d_out, d_in)
-    _check_rank(k, *W.shape)
+    check_rank(k, *W.shape)
     try:
         L = np.linalg.cholesky(Q)  # (d_in, d_in), lower, Q = L Lᵀ
     except np.linalg.LinAlgError:
@@ -203,6 +207,22 @@ def anchored_loss(
     return float(np.sum((W @ (G + D)) * W) - 2.0 * cross + fit)
 
 
+def anchored_target(W: np.ndarray, G_shift: np.ndarray, C: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:
+    """The target ``T = W C_δ G'_δ⁻¹`` (d_out, d_in) of the anchored objective written as a hessian objective (spec §7):
+
+        ‖X Wᵀ − X' Ŵᵀ‖² + δ ‖W − Ŵ‖²_F = tr((T − Ŵ) G'_δ (T − Ŵ)ᵀ) + tr(W G_δ Wᵀ) − tr(T G'_δ Tᵀ)
+
+    for every ``Ŵ`` (expand: ``T G'_δ = W C_δ``), with ``G'_δ = G' + δI``, ``C_δ = C + δI`` (:func:`damping_shift`).
+    The last two terms do not depend on ``Ŵ``: any method minimising the damped hessian objective
+    ``tr((T − Ŵ) G'_δ (T − Ŵ)ᵀ)`` — ARMOR with ``proxy="hessian"`` on ``(T, G')``, whose damping is this very ``δ``
+    — minimises the damped anchored loss. With ``X' = X`` (``C = G' = G``) the target is ``W``.
+    Solved with the Cholesky factor of ``G'_δ``: ``Tᵀ = G'_δ⁻¹ C_δᵀ Wᵀ``."""
+    W = np.asarray(W, dtype=np.float64)  # (d_out, d_in)
+    D = damping_shift(G_shift, damping)  # δ I (d_in, d_in)
+    factor = scipy.linalg.cho_factor(G_shift + D, lower=True)  # G'_δ = L Lᵀ
+    return scipy.linalg.cho_solve(factor, (C + D).T @ W.T).T  # (d_out, d_in)
+
+
 def output_loss(W: np.ndarray, W_low: np.ndarray, G: np.ndarray, damping: float = DEFAULT_DAMPING) -> float:
     """The loss of objectives 2 (``G = XᵀX``) and 3 (pass ``G' = X'ᵀX'``), the one :func:`svd_llm` and
     :func:`shifted_svd` minimise: ``tr((W − W') (G + δI) (W − W')ᵀ) = ‖X (W − W')ᵀ‖² + δ ‖W − W'‖²_F``,
@@ -210,3 +230,25 @@ def output_loss(W: np.ndarray, W_low: np.ndarray, G: np.ndarray, damping: float 
     ``anchored_loss(W, W', G, G, G, damping)``."""
     E = np.asarray(W, dtype=np.float64) - np.asarray(W_low, dtype=np.float64)  # (d_out, d_in)
     return float(np.sum((E @ damped(G, damping)) * E))
+
+
+def solve_lowrank(
+    objective: str,
+    W: np.ndarray,
+    k: int,
+    G: np.ndarray | None = None,
+    G_shift: np.ndarray | None = None,
+    C: np.ndarray | None = None,
+    damping: float = DEFAULT_DAMPING,
+) -> LowRank:
+    """The closed form of ``objective`` (one of :data:`OBJECTIVES`) at rank ``k``, given the Gram matrices it needs:
+    none for ``svd``, ``G`` for ``svd-llm``, ``G_shift`` for ``shifted``, ``G_shift`` and ``C`` for ``aa-svd``."""
+    if objective == "svd":
+        return plain_svd(W, k)
+    if objective == "svd-llm":
+        return svd_llm(W, G, k, damping)
+    if objective == "shifted":
+        return shifted_svd(W, G_shift, k, damping)
+    if objective == "aa-svd":
+        return aa_svd(W, G_shift, C, k, damping)
+    raise ValueError(f"unknown low-rank objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")

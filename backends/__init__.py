@@ -8,6 +8,8 @@ torch (CPU, CUDA) or CuPy; it mirrors the plain reference :mod:`armor_ref` modul
 arrays out) plus the keyword ``threads`` (CPU threads, :mod:`backends.threads`), so that commands can swap backends
 without knowing them. The torch and CuPy functions take one more keyword, ``dtype`` (``float64``/``float32``, a
 name or a torch/NumPy dtype); the default is float64 on the CPU (the reference's answers) and float32 on CUDA.
+``get_lowrank(backend, device)`` does the same for the low-rank closed forms of :mod:`armor_ref.lowrank` (fast:
+:mod:`backends.lowrank`).
 
 * ``numpy``: the fast path on NumPy, CPU only (the command line's default);
 * ``torch``: the fast path on torch, devices ``cpu``, ``cuda``, ``cuda:N``;
@@ -99,23 +101,42 @@ def _with_threads(factorize: Callable) -> Callable:
     return run
 
 
-def get_factorize(backend: str = "numpy", device: str = "cpu") -> Callable:
-    """The ``factorize`` function of ``backend`` on ``device`` (see the module docstring)."""
+def _library_device(backend: str, device: str) -> str | int | None:
+    """Check that ``backend`` runs on ``device`` here; return the device as its library names it (``None`` for
+    NumPy and the reference)."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend in ("numpy", "reference") and device != "cpu":
         raise BackendUnavailable(f"the {backend} backend runs on the CPU only; use --backend torch or cupy for cuda")
+    if backend == "torch":
+        _check_torch(device)
+        return device
+    if backend == "cupy":
+        return _check_cupy(device)
+    return None
+
+
+def get_factorize(backend: str = "numpy", device: str = "cpu") -> Callable:
+    """The ``factorize`` function of ``backend`` on ``device`` (see the module docstring)."""
+    library_device = _library_device(backend, device)
     if backend == "reference":
         from armor_ref.factorization import factorize as reference_factorize
 
         return _with_threads(reference_factorize)
-    if backend == "torch":
-        _check_torch(device)
-        library_device: str | int | None = device
-    elif backend == "cupy":
-        library_device = _check_cupy(device)
-    else:
-        library_device = None
     from .factorization import factorize
 
     return functools.wraps(factorize)(functools.partial(factorize, library=backend, device=library_device))
+
+
+def get_lowrank(backend: str = "numpy", device: str = "cpu") -> Callable:
+    """The low-rank closed forms of ``backend`` on ``device``: a function with the signature of
+    :func:`armor_ref.lowrank.solve_lowrank` (NumPy arrays in, a :class:`~armor_ref.lowrank.LowRank` of float64 NumPy
+    factors out) plus the keyword ``threads``, and for torch/CuPy ``dtype`` (:func:`backends.lowrank.solve_lowrank`)."""
+    library_device = _library_device(backend, device)
+    if backend == "reference":
+        from armor_ref.lowrank import solve_lowrank as reference_lowrank
+
+        return _with_threads(reference_lowrank)
+    from .lowrank import solve_lowrank
+
+    return functools.wraps(solve_lowrank)(functools.partial(solve_lowrank, library=backend, device=library_device))

@@ -12,7 +12,8 @@ as they are (``einsum``, ``where``, ``abs``, ``amax``, ``sqrt``, ``stack``, ``sw
 * ``copy`` (torch: ``clone``), ``astype`` (torch: ``to``), ``permute`` (NumPy/CuPy ``transpose(axes)``; torch's
   ``transpose`` swaps two axes only), ``pick`` (one entry per batch element: torch gathers, NumPy/CuPy index the
   flattened array), ``argsort_stable`` (the keyword that makes the sort stable differs; CuPy's sort is always
-  stable), ``to_numpy``.
+  stable), ``solve_triangular`` (NumPy has none: SciPy's; CuPy's is in ``cupyx``; torch's takes ``upper``),
+  ``to_numpy``.
 
 Why not ``array-api-compat`` (installed): its namespaces wrap many functions in Python, which costs per call what
 the discrete step cannot afford (thousands of positions per sweep, a few dozen small operations each), and the
@@ -153,6 +154,17 @@ class Namespace:
         if self.name == "cupy":  # CuPy's sort is a stable radix sort; it has no `kind`
             return self.lib.argsort(x, axis=axis)
         return self.lib.argsort(x, axis=axis, kind="stable")
+
+    def solve_triangular(self, L: Array, B: Array, trans: bool = False) -> Array:
+        """``X`` with ``L X = B`` (``Lᵀ X = B`` when ``trans``) for a lower-triangular ``L`` (n, n), ``B`` (n, m):
+        one triangular solve, O(n² m)."""
+        if self.name == "torch":
+            return self.lib.linalg.solve_triangular(L.T if trans else L, B, upper=trans)
+        if self.name == "cupy":
+            from cupyx.scipy.linalg import solve_triangular
+        else:
+            from scipy.linalg import solve_triangular
+        return solve_triangular(L, B, lower=True, trans="T" if trans else "N")
 
     def to_numpy(self, x: Array) -> np.ndarray:
         """A host NumPy copy (float arrays as float64, the reference's dtype)."""

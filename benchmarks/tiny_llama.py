@@ -110,6 +110,41 @@ def train_model(text: str, out_dir: str, steps: int, seed: int = 0) -> dict:
     }
 
 
+def split_topics() -> tuple[str, str]:
+    """``pydoc_data.topics`` split by topic (sorted by name): every 10th held out. Returns (training, held-out)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    train = "\n\n".join(topics[k] for i, k in enumerate(names) if i % 10)
+    heldout = "\n\n".join(topics[k] for i, k in enumerate(names) if i % 10 == 0)
+    return train, heldout
+
+
+def prepare(work_dir: str, steps: int) -> tuple[str, str, str, dict]:
+    """The texts and the trained model in ``work_dir``: ``(dense_dir, calibration_text, heldout_text, training)``.
+    A model already trained there (``training.json`` beside it) is reused, not trained again."""
+    os.makedirs(work_dir, exist_ok=True)
+    text, heldout = split_topics()
+    calib = os.path.join(work_dir, "train_topics.txt")
+    evaltext = os.path.join(work_dir, "heldout_topics.txt")
+    with open(calib, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    with open(evaltext, "w", encoding="utf-8") as fh:
+        fh.write(heldout)
+    dense = os.path.join(work_dir, "dense")
+    record = os.path.join(work_dir, "training.json")
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as fh:
+            training = json.load(fh)
+        if training["steps"] == steps:
+            return dense, calib, evaltext, training
+    training = train_model(text, dense, steps)
+    print(f"trained {training['parameters'] / 1e6:.1f} M parameters in {training['seconds']:.0f} s", flush=True)
+    with open(record, "w", encoding="utf-8") as fh:
+        json.dump(training, fh)
+    return dense, calib, evaltext, training
+
+
 def markdown_table(results: dict) -> str:
     rows = [
         "| method | perplexity | × dense | mean rel. output error (calib) | compression time (s) | file size (MB) |",
@@ -133,21 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     shutil.rmtree(args.work_dir, ignore_errors=True)
-    os.makedirs(args.work_dir)
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    text = "\n\n".join(topics[k] for i, k in enumerate(names) if i % 10)
-    calib = os.path.join(args.work_dir, "train_topics.txt")
-    evaltext = os.path.join(args.work_dir, "heldout_topics.txt")
-    with open(calib, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    with open(evaltext, "w", encoding="utf-8") as fh:
-        fh.write("\n\n".join(topics[k] for i, k in enumerate(names) if i % 10 == 0))
-    dense = os.path.join(args.work_dir, "dense")
-    training = train_model(text, dense, args.steps)
-    print(f"trained {training['parameters'] / 1e6:.1f} M parameters in {training['seconds']:.0f} s", flush=True)
-
+    dense, calib, evaltext, training = prepare(args.work_dir, args.steps)
     results: dict = {
         "setup": {
             "model": "Llama layout, 4 blocks, hidden 256, MLP 704, 4 heads, BPE vocabulary 4096, untied head",

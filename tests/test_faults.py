@@ -2,8 +2,10 @@
 
 The run under test is a tiny sharded Llama (2 blocks, hidden 64) compressed with SparseGPT, LM head included, so
 every kind of step occurs: the lock, the manifest, block shards, saved calibration streams, the head shard, the rest
-shard, config and tokenizer copies, the index, the report, removals. ``toolkit.files.FAULTS.hook`` is called before
-every durable step (a temporary file about to be filled, renamed over its target, a file about to be removed):
+shard, config and tokenizer copies, the index, the report, removals. The kill and full-disk tests run a second time
+on a two-stream run (AA-SVD with block refinement: both streams saved, anchored Gram matrices, low-rank shards).
+``toolkit.files.FAULTS.hook`` is called before every durable step (a temporary file about to be filled, renamed over
+its target, a file about to be removed):
 
 * **kill at every step**: the recording hook copies the output directory at each step — exactly what a SIGKILL at
   that instant leaves on disk (every write is fsynced; temporary files included) — and each copy is then resumed.
@@ -52,6 +54,8 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_T
 SETTINGS = {"method": "sparsegpt", "nsamples": 4, "seqlen": 16, "block_size": 16, "lm_head": True}
 BASE_OPTIONS = ["--method", "sparsegpt", "--nsamples", "4", "--seqlen", "16", "--block-size", "16"]
 CLI_OPTIONS = [*BASE_OPTIONS, "--lm-head"]
+TWO_STREAM_SETTINGS = {**SETTINGS, "method": "aa-svd", "ratio": 0.5, "refine_epochs": 2}
+TWO_STREAM_OPTIONS = [*CLI_OPTIONS, "--method", "aa-svd", "--ratio", "0.5", "--refine-epochs", "2"]
 UNCOMPARABLE = ("armor_report.json",)  # holds timings and the machine's load
 
 
@@ -129,8 +133,8 @@ def as_if_killed(directory: Path) -> None:
         lock.write_text(json.dumps({**record, "pid": dead_pid()}))
 
 
-def compress_cli(model: Path, out: Path, calib: Path, *extra: object):
-    return invoke("compress", model, "-o", out, "--calib-text", calib, *CLI_OPTIONS, "--quiet", *extra)
+def compress_cli(model: Path, out: Path, calib: Path, *extra: object, options: list[str] = CLI_OPTIONS):
+    return invoke("compress", model, "-o", out, "--calib-text", calib, *options, "--quiet", *extra)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -161,10 +165,8 @@ class Recorder:
         self.steps.append((stage, str(path.relative_to(self.out)), target))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def recorded_run(root: Path, settings: dict, options: list[str]):
     """The uninterrupted reference run, with a copy of its output directory at every durable step."""
-    root = tmp_path_factory.mktemp("faults")
     model = Path(make_tiny_model("llama", str(root / "llama"), shards=True))
     calib = root / "calib.txt"
     calib.write_text(sample_text(seed=0))
@@ -172,7 +174,7 @@ def run(tmp_path_factory):
     recorder = Recorder(out, root / "snapshots")
     FAULTS.hook = recorder
     try:
-        report = compress_model(str(model), str(out), str(calib), CompressSettings(**SETTINGS), progress=False)
+        report = compress_model(str(model), str(out), str(calib), CompressSettings(**settings), progress=False)
     finally:
         FAULTS.hook = None
 
@@ -181,9 +183,27 @@ def run(tmp_path_factory):
 
     r = Run()
     r.root, r.model, r.calib, r.out, r.report, r.steps = root, model, calib, out, report, recorder.steps
+    r.settings, r.options = CompressSettings(**settings), options
     r.expected = comparable(out)
     r.inputs = tree(model) | {"calib.txt": sha256(calib)}
     return r
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """SparseGPT, one stream."""
+    return recorded_run(tmp_path_factory.mktemp("faults"), SETTINGS, CLI_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def two_stream_run(tmp_path_factory):
+    """AA-SVD with block refinement: two streams, three Gram matrices per linear, low-rank shards."""
+    return recorded_run(tmp_path_factory.mktemp("faults-two-streams"), TWO_STREAM_SETTINGS, TWO_STREAM_OPTIONS)
+
+
+@pytest.fixture(params=["one-stream", "two-stream"])
+def each_run(request):
+    return request.getfixturevalue("run" if request.param == "one-stream" else "two_stream_run")
 
 
 def assert_same_as_reference(run, out: Path, report: dict | None = None) -> None:
@@ -196,7 +216,8 @@ def assert_same_as_reference(run, out: Path, report: dict | None = None) -> None
 # ----------------------------------------------------------------------------------------------------------
 # kill at every step
 # ----------------------------------------------------------------------------------------------------------
-def test_the_run_has_every_kind_of_step(run):
+def test_the_run_has_every_kind_of_step(each_run):
+    run = each_run
     stages = [(stage, name) for stage, name, _ in run.steps]
     names = {name for _, name in stages}
     assert ("write", LOCK_FILE) in stages and ("remove", LOCK_FILE) == stages[-1]
@@ -209,9 +230,10 @@ def test_the_run_has_every_kind_of_step(run):
     assert renames[0] == renames[-1] == MANIFEST_FILE
 
 
-def test_a_kill_at_any_step_resumes_to_identical_files(run, tmp_path):
+def test_a_kill_at_any_step_resumes_to_identical_files(each_run, tmp_path):
     """For every durable step: the disk as a SIGKILL at that instant leaves it is never trusted by eval/inspect/the
     loader (except after the run's last write), and ``--resume`` completes it to the uninterrupted run's bytes."""
+    run = each_run
     table = []
     for k, (stage, name, snapshot) in enumerate(run.steps):
         work = tmp_path / f"{k:03d}"
@@ -222,9 +244,7 @@ def test_a_kill_at_any_step_resumes_to_identical_files(run, tmp_path):
             assert verify_run(work) is not None
         else:
             assert_untrusted(work)
-        report = compress_model(
-            str(run.model), str(work), str(run.calib), CompressSettings(**SETTINGS), resume=True, progress=False
-        )
+        report = compress_model(str(run.model), str(work), str(run.calib), run.settings, resume=True, progress=False)
         assert_same_as_reference(run, work, report)
         table.append(f"{k + 1:3d}  kill before {stage:6s} {name:40s} resumed, identical")
         shutil.rmtree(work)
@@ -232,16 +252,17 @@ def test_a_kill_at_any_step_resumes_to_identical_files(run, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["model-block-00000.safetensors", "index"])
-def test_real_kills_leave_what_the_copies_show_and_resume(run, tmp_path, target):
+def test_real_kills_leave_what_the_copies_show_and_resume(run, two_stream_run, tmp_path, target):
     """``os._exit`` in a real ``armor-ref compress`` process (``ARMOR_FAULT_INJECTION=kill:N``) just before a rename:
     exit 137, the directory holds exactly the files of the recorded copy at that step (temporary file included), and
-    ``--resume`` finishes it to identical files."""
+    ``--resume`` finishes it to identical files (the block shard: in the two-stream run)."""
+    run = two_stream_run if target.startswith("model-block") else run
     name = "model.safetensors.index.json" if target == "index" else target
     k = next(i for i, (stage, n, _) in enumerate(run.steps) if stage == "rename" and n == name)
     out = tmp_path / "out"
     env = {**os.environ, **SINGLE_THREAD, "ARMOR_FAULT_INJECTION": f"kill:{k + 1}"}
     cmd = [sys.executable, "-m", "toolkit", "compress", str(run.model), "-o", str(out), "--calib-text", str(run.calib)]
-    proc = subprocess.run([*cmd, *CLI_OPTIONS, "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, *run.options, "--quiet"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 137, proc.stderr[-2000:]
 
     def shape(directory: Path) -> list[str]:  # file names, temporary files' random part masked
@@ -249,7 +270,7 @@ def test_real_kills_leave_what_the_copies_show_and_resume(run, tmp_path, target)
 
     assert shape(out) == shape(run.steps[k][2])
     assert_untrusted(out)
-    result = compress_cli(run.model, out, run.calib, "--resume")
+    result = compress_cli(run.model, out, run.calib, "--resume", options=run.options)
     assert result.exit_code == 0, result.output
     assert_same_as_reference(run, out)
 
@@ -257,7 +278,8 @@ def test_real_kills_leave_what_the_copies_show_and_resume(run, tmp_path, target)
 # ----------------------------------------------------------------------------------------------------------
 # disk full at every write
 # ----------------------------------------------------------------------------------------------------------
-def test_a_full_disk_at_any_write_fails_in_one_line_and_resumes(run, tmp_path):
+def test_a_full_disk_at_any_write_fails_in_one_line_and_resumes(each_run, tmp_path):
+    run = each_run
     writes = [(name, k) for k, (stage, name, _) in enumerate(run.steps) if stage == "write"]
     assert len(writes) >= 15
     table = []
@@ -273,7 +295,7 @@ def test_a_full_disk_at_any_write_fails_in_one_line_and_resumes(run, tmp_path):
 
         FAULTS.hook = full_disk
         try:
-            result = compress_cli(run.model, out, run.calib)
+            result = compress_cli(run.model, out, run.calib, options=run.options)
         finally:
             FAULTS.hook = None
         line = assert_one_line_error(result, EXIT_FAILURE, "No space left on device")
@@ -281,7 +303,7 @@ def test_a_full_disk_at_any_write_fails_in_one_line_and_resumes(run, tmp_path):
         assert_untrusted(out)
         assert not [p for p in tree(out) if p.endswith(".tmp")]  # the failed write left nothing behind
         assert tree(run.model) | {"calib.txt": sha256(run.calib)} == run.inputs
-        result = compress_cli(run.model, out, run.calib, "--resume")
+        result = compress_cli(run.model, out, run.calib, "--resume", options=run.options)
         assert result.exit_code == 0, result.output
         assert_same_as_reference(run, out)
         table.append(f"{n + 1:3d}  ENOSPC writing {name:40s} exit 1, one line; resumed, identical")

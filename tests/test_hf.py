@@ -89,6 +89,8 @@ def work(tmp_path_factory):
         make_tiny_model(kind, str(d / kind), shards=kind == "llama")
         settings = CompressSettings(method="armor-hessian", **FAST)
         compress_model(str(d / kind), str(d / f"{kind}-armor"), str(d / "calib.txt"), settings, progress=False)
+    settings = CompressSettings(method="aa-svd", ratio=0.5, refine_epochs=2, **FAST)
+    compress_model(str(d / "llama"), str(d / "llama-lowrank"), str(d / "calib.txt"), settings, progress=False)
     if MINILM is not None:
         minilm = Path(MINILM.origin).parent / "model"
         settings = CompressSettings(method="magnitude", nsamples=4, seqlen=32, block_size=32)
@@ -233,6 +235,45 @@ def test_from_pretrained_and_sentence_transformers_after_import_equal_load_model
     np.testing.assert_array_equal(got["generate"], expected)
     if SENTENCE_TRANSFORMERS and MINILM is not None:
         np.testing.assert_allclose(got["st"], st_embeddings(work / "minilm-armor"), rtol=0, atol=1e-5)
+
+
+def test_lowrank_directories_load_in_a_fresh_process_and_save_again(work, tmp_path):
+    """A low-rank (AA-SVD, refined) directory: in a fresh process, ``import armor_ref`` and
+    ``AutoModelForCausalLM.from_pretrained`` build LowRankLinear modules whose logits equal ``load_model``'s here;
+    ``save_pretrained`` writes the stored ``U``, ``V`` back bit for bit and loads again to the same logits."""
+    run = fresh(
+        f"""
+        import armor_ref
+        import numpy as np, torch
+        from transformers import AutoModelForCausalLM
+        ids, mask = torch.tensor({IDS}), torch.tensor({MASK})
+        with torch.no_grad():
+            llama = AutoModelForCausalLM.from_pretrained({str(work / "llama-lowrank")!r})
+            first = llama(input_ids=ids, attention_mask=mask).logits.double().numpy()
+            llama.save_pretrained("saved")
+            again = AutoModelForCausalLM.from_pretrained("saved")
+            second = again(input_ids=ids, attention_mask=mask).logits.double().numpy()
+        kind = type(llama.model.layers[1].mlp.up_proj).__name__
+        np.savez("out.npz", first=first, second=second, lowrank=np.array([kind == "LowRankLinear"]))
+        """,
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    got = np.load(tmp_path / "out.npz")
+    assert got["lowrank"].all()
+    expected = outputs(load_model(str(work / "llama-lowrank")), "llama")
+    np.testing.assert_allclose(got["first"], expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got["second"], got["first"])
+    stored = {}
+    for f in (work / "llama-lowrank").glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    saved = {}
+    for f in (tmp_path / "saved").glob("*.safetensors"):
+        saved.update(load_file(str(f)))
+    factors = [name for name in stored if ".lowrank." in name]
+    assert len(factors) == 2 * 2 * 7
+    for name in factors:
+        np.testing.assert_array_equal(saved[name], stored[name], err_msg=name)
 
 
 def test_trust_remote_code_loads_without_the_import_and_so_does_its_save(work, tmp_path):

@@ -9,7 +9,13 @@ For every factorized tensor ``NAME`` (d_out, d_in) with block size ``b``::
 
     metadata: format=armor, version, block_size, proxy, values_dtype, index_layout, plus whatever the writer adds
 
-so that ``Ŵ = blockdiag(A) · S · blockdiag(B)``. Tensors that were not factorized are stored under their own names.
+so that ``Ŵ = blockdiag(A) · S · blockdiag(B)``. A layer replaced by a low-rank product (``--method svd``,
+``svd-llm``, ``aa-svd``; docs/aa-svd-spec.md §5) is stored in the same files, with the same header, as::
+
+    NAME.lowrank.U     float32 (d_out, k)
+    NAME.lowrank.V     float32 (k, d_in)         W' = U V,  y = U (V x) + bias
+
+Tensors that were not factorized are stored under their own names.
 :func:`armor_tensors` and :func:`armor_metadata` build what every writer stores (``factorize`` writes one file with
 :func:`save_armor`; ``compress`` writes one shard per block through the same two functions); :func:`armor_layer`
 validates one stored layer, for :func:`load_armor` (a file) and the model loader (a directory).
@@ -20,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +42,9 @@ from .files import read_safetensors, write_safetensors
 ARMOR_FORMAT = "armor"
 ARMOR_VERSION = "1"
 ARMOR_SUFFIXES = (".armor.A", ".armor.B", ".armor.values", ".armor.index")
+LOWRANK_SUFFIXES = (".lowrank.U", ".lowrank.V")
 INDEX_LAYOUT = "p0 | (p1 << 2), 0 <= p0 < p1 <= 3, per group of 4 columns"
+LOWRANK_LAYOUT = "NAME.lowrank.U (d_out, k) and NAME.lowrank.V (k, d_in), float32: W' = U V"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,6 +69,24 @@ def armor_tensors(name: str, result: Factorized) -> dict[str, np.ndarray]:
         name + ".armor.B": np.ascontiguousarray(result.B, dtype=np.float32),
         name + ".armor.values": np.ascontiguousarray(values, dtype=np.float32),
         name + ".armor.index": np.ascontiguousarray(index, dtype=np.uint8),
+    }
+
+
+class LowRankFactors(Protocol):
+    """Anything holding a low-rank layer: ``W' = U V``."""
+
+    U: np.ndarray  # (d_out, k)
+    V: np.ndarray  # (k, d_in)
+
+
+def lowrank_tensors(name: str, result: LowRankFactors) -> dict[str, np.ndarray]:
+    """The two exported arrays of one low-rank layer ``name``, float32 and C-contiguous."""
+    U, V = np.asarray(result.U), np.asarray(result.V)
+    if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
+        raise ValueError(f"{name}: factors U {U.shape} and V {V.shape} do not multiply")
+    return {
+        name + ".lowrank.U": np.ascontiguousarray(U, dtype=np.float32),
+        name + ".lowrank.V": np.ascontiguousarray(V, dtype=np.float32),
     }
 
 
@@ -174,6 +200,27 @@ class ArmorLayer:
 
 
 @dataclass
+class LowRankLayer:
+    """One low-rank layer as stored: ``W' = U V``."""
+
+    name: str
+    U: np.ndarray  # (d_out, k) float32
+    V: np.ndarray  # (k, d_in) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.U.shape[0], self.V.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def reconstruct(self, dtype: type = np.float64) -> np.ndarray:
+        """The dense ``W' = U V`` (d_out, d_in), multiplied in float64."""
+        return (self.U.astype(np.float64) @ self.V.astype(np.float64)).astype(dtype)
+
+
+@dataclass
 class ArmorLinear:
     """A NumPy stand-in for a linear layer stored in ARMOR form: ``layer(x) = A (S (B x)) + bias``."""
 
@@ -186,17 +233,18 @@ class ArmorLinear:
 
 @dataclass
 class ArmorFile:
-    """A loaded ARMOR file: ``layers`` (factorized tensors by name), ``passthrough`` (everything else),
-    ``metadata`` (the header)."""
+    """A loaded ARMOR file: ``layers`` (ARMOR-factorized tensors by name), ``lowrank`` (low-rank layers by name),
+    ``passthrough`` (everything else), ``metadata`` (the header)."""
 
     path: Path
     metadata: dict[str, str]
     layers: dict[str, ArmorLayer]
     passthrough: dict[str, np.ndarray]
+    lowrank: dict[str, LowRankLayer] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
-        """Names of the factorized tensors, as in the original model."""
+        """Names of the ARMOR-factorized tensors, as in the original model."""
         return sorted(self.layers)
 
     @property
@@ -208,8 +256,8 @@ class ArmorFile:
         return self.metadata.get("proxy", "")
 
     def reconstruct(self, name: str, dtype: type = np.float64) -> np.ndarray:
-        """The dense ``Ŵ`` of factorized tensor ``name``."""
-        return self.layers[name].reconstruct(dtype)
+        """The dense ``Ŵ`` of factorized tensor ``name`` (ARMOR or low-rank)."""
+        return (self.layers.get(name) or self.lowrank[name]).reconstruct(dtype)
 
     def linear(self, name: str) -> ArmorLinear:
         """A callable layer for ``name``; its bias is the passthrough tensor ``….bias`` when ``name`` ends in
@@ -234,6 +282,34 @@ def dense_tensor_name(stem: str, metadata: Mapping[str, str] | None = None) -> s
 def armor_stems(names: object) -> list[str]:
     """The factorized tensors' names (``NAME`` of ``NAME.armor.*``) among tensor ``names``, sorted."""
     return sorted({key[: -len(s)] for key in names for s in ARMOR_SUFFIXES if key.endswith(s)})  # type: ignore[union-attr]
+
+
+def lowrank_stems(names: object) -> list[str]:
+    """The low-rank layers' names (``NAME`` of ``NAME.lowrank.*``) among tensor ``names``, sorted."""
+    return sorted({key[: -len(s)] for key in names for s in LOWRANK_SUFFIXES if key.endswith(s)})  # type: ignore[union-attr]
+
+
+def is_factor_tensor(name: str) -> bool:
+    """Whether tensor ``name`` is one of a stored layer's factors (``NAME.armor.*`` or ``NAME.lowrank.*``)."""
+    return name.endswith(ARMOR_SUFFIXES + LOWRANK_SUFFIXES)
+
+
+def lowrank_layer(name: str, arrays: Mapping[str, np.ndarray], source: object) -> LowRankLayer:
+    """Validate and return the low-rank layer ``name`` from ``arrays`` (holding ``name.lowrank.U/V``): both present,
+    2-D, floating, ``U`` (d_out, k) and ``V`` (k, d_in) with ``k ≥ 1``, finite. :class:`ArmorError` naming
+    ``source`` otherwise."""
+    missing = [name + s for s in LOWRANK_SUFFIXES if name + s not in arrays]
+    if missing:
+        raise _bad_armor(source, f"{missing[0]} is missing")
+    U, V = (np.asarray(arrays[name + s]) for s in LOWRANK_SUFFIXES)
+    if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0] or U.shape[1] < 1:
+        raise _bad_armor(source, f"{name}: factors U {U.shape} and V {V.shape} are not (d_out, k) and (k, d_in)")
+    for part, array in (("U", U), ("V", V)):
+        if array.dtype.kind != "f":
+            raise _bad_armor(source, f"{name}.lowrank.{part} has dtype {array.dtype}, expected float32")
+        if not np.all(np.isfinite(array)):
+            raise _bad_armor(source, f"{name}.lowrank.{part} holds NaN or Inf values")
+    return LowRankLayer(name, U, V)
 
 
 def armor_layer(name: str, arrays: Mapping[str, np.ndarray], block_size: int, source: object) -> ArmorLayer:
@@ -280,13 +356,14 @@ def block_size_of(metadata: Mapping[str, str], source: object) -> int:
 
 
 def load_armor(path: str | os.PathLike, block_size: int | None = None) -> ArmorFile:
-    """Read and validate an ARMOR file written by :func:`save_armor` or ``compress`` (see :func:`armor_layer`);
-    raises :class:`ArmorError` on any problem. ``block_size``: for a shard of a compressed directory, whose header
-    need not be ARMOR's (a compressed model's ``save_pretrained`` writes transformers' own) because the block size
-    is in the directory's ``config.json``."""
+    """Read and validate an ARMOR file written by :func:`save_armor` or ``compress`` (see :func:`armor_layer` and
+    :func:`lowrank_layer`); raises :class:`ArmorError` on any problem. ``block_size``: for a shard of a compressed
+    directory, whose header need not be ARMOR's (a compressed model's ``save_pretrained`` writes transformers' own)
+    because the block size is in the directory's ``config.json``."""
     path = Path(path)
     tensors, metadata = read_safetensors(path)
     b = block_size_of(metadata, path) if block_size is None else block_size
     layers = {name: armor_layer(name, tensors, b, path) for name in armor_stems(tensors)}
-    passthrough = {key: array for key, array in tensors.items() if not any(key.endswith(s) for s in ARMOR_SUFFIXES)}
-    return ArmorFile(path, metadata, layers, passthrough)
+    lowrank = {name: lowrank_layer(name, tensors, path) for name in lowrank_stems(tensors)}
+    passthrough = {key: array for key, array in tensors.items() if not is_factor_tensor(key)}
+    return ArmorFile(path, metadata, layers, passthrough, lowrank)

@@ -39,6 +39,7 @@ from backends.objectives import nowag_loss
 from .armor_format import (
     ARMOR_FORMAT,
     ARMOR_SUFFIXES,
+    LOWRANK_SUFFIXES,
     ArmorFile,
     ArmorLayer,
     dense_tensor_name,
@@ -618,7 +619,7 @@ def inspect(path: Path) -> None:
         f"{path}: ARMOR file, version {metadata.get('version')}, block size {armor.block_size}, "
         f"proxy {armor.proxy}" + (f" ({extras})" if extras else "")
     )
-    click.echo(armor_table([armor]))
+    click.echo(factor_tables([armor]))
 
 
 def read_finite_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -668,6 +669,30 @@ def armor_table(armors: Sequence[ArmorFile]) -> str:
     )
 
 
+def lowrank_table(armors: Sequence[ArmorFile]) -> str:
+    """The table `armor-ref inspect` prints for low-rank layers: per layer its rank, the fraction of the dense
+    parameters its factors keep, and its bytes as stored, at fp16, and dense; a total row."""
+    rows, totals = [], np.zeros(4, dtype=np.int64)
+    for armor in armors:
+        for name, layer in sorted(armor.lowrank.items()):
+            d_out, d_in = layer.shape
+            kept = layer.U.size + layer.V.size
+            sizes = np.array([layer.U.nbytes + layer.V.nbytes, kept * 2, d_out * d_in * 2, d_out * d_in * 4])
+            totals += sizes
+            rows.append([name, f"{d_out}x{d_in}", layer.rank, float(kept / (d_out * d_in)), *map(int, sizes)])
+    rows.append(["total", "", "", float(totals[1] / totals[2]) if totals[2] else 0.0, *map(int, totals)])
+    headers = ["tensor", "shape", "rank", "params kept", "stored bytes", "U,V@fp16", "dense fp16", "dense fp32"]
+    return format_table(headers, rows) + "\n(low-rank layers W' = U V: U (d_out, rank), V (rank, d_in), float32)"
+
+
+def factor_tables(armors: Sequence[ArmorFile]) -> str:
+    """:func:`armor_table` for the ARMOR layers and :func:`lowrank_table` for the low-rank ones, each where there
+    are any (the ARMOR table always for a file with neither)."""
+    has_lowrank = any(armor.lowrank for armor in armors)
+    tables = [armor_table(armors)] if any(armor.layers for armor in armors) or not has_lowrank else []
+    return "\n".join(tables + ([lowrank_table(armors)] if has_lowrank else []))
+
+
 def block_label(stem: str) -> str:
     """The block a module belongs to: the first numeric part of its name (``model.layers.3.mlp.up_proj`` → 3), or
     ``head`` for the one compressed module outside the blocks, the LM head (as in `compress`'s table)."""
@@ -687,11 +712,12 @@ def inspect_directory(directory: Path) -> None:
         if manifest
         else "no run manifest (written by save_pretrained, not by compress): not checked against one"
     )
+    blocks = f", block size {quantization['block_size']}" if any(armor.layers for armor in armors) else ""
     click.echo(
-        f"{directory}: compressed model, method {quantization.get('method')}, block size {quantization['block_size']}"
+        f"{directory}: compressed model, method {quantization.get('method')}{blocks}"
         f"; dense model {dense.get('model_type')}, {dense.get('dtype')}; {checked}"
     )
-    click.echo(armor_table(armors))
+    click.echo(factor_tables(armors))
     click.echo(block_table(files, armors, dense.get("dtype", "float32")))
 
 
@@ -703,11 +729,13 @@ def block_table(files: Sequence[str], armors: Sequence[ArmorFile], dense_dtype: 
     stored_total = dense_total = 0
     for file, armor in zip(files, armors, strict=True):
         infos, _ = read_safetensors_header(file)
-        for name in armor.names:
-            d_out, d_in = armor.layers[name].shape
+        layers = [(name, ARMOR_SUFFIXES, layer) for name, layer in armor.layers.items()]
+        layers += [(name, LOWRANK_SUFFIXES, layer) for name, layer in armor.lowrank.items()]
+        for name, suffixes, layer in sorted(layers, key=lambda entry: entry[0]):
+            d_out, d_in = layer.shape
             entry = blocks.setdefault(block_label(name), [0, 0, 0])
             entry[0] += 1
-            entry[1] += sum(infos[name + s].end - infos[name + s].begin for s in ARMOR_SUFFIXES)
+            entry[1] += sum(infos[name + s].end - infos[name + s].begin for s in suffixes)
             entry[2] += d_out * d_in * dtype_bytes
         stored_total += sum(info.end - info.begin for info in infos.values())
         dense_total += sum(infos[name].end - infos[name].begin for name in armor.passthrough)
@@ -718,8 +746,8 @@ def block_table(files: Sequence[str], armors: Sequence[ArmorFile], dense_dtype: 
     rows.append(["whole model", "", stored_total, dense_total, stored_total / dense_total])
     return (
         format_table(["block", "linears", "armor bytes", "dense bytes", "armor/dense"], rows)
-        + f"\n(armor bytes: the A, B, values and index tensors as stored; dense bytes: the same weights in "
-        f"{dense_dtype}; whole model: every tensor, embeddings, norms and biases as stored)"
+        + f"\n(armor bytes: the A, B, values and index tensors, or the low-rank U and V, as stored; dense bytes: the "
+        f"same weights in {dense_dtype}; whole model: every tensor, embeddings, norms and biases as stored)"
     )
 
 
@@ -753,7 +781,8 @@ def reconstruct(path: Path, output: Path | None) -> None:
     check_output_path(output, [path])
     verify_file(path)
     armor = load_armor(path)
-    dense = {dense_tensor_name(name, armor.metadata): armor.reconstruct(name, np.float32) for name in armor.names}
+    names = [*armor.names, *sorted(armor.lowrank)]
+    dense = {dense_tensor_name(name, armor.metadata): armor.reconstruct(name, np.float32) for name in names}
     write_safetensors(output, {**armor.passthrough, **dense}, {"format": "dense", "source": path.name})
     click.echo(f"wrote {output} ({len(dense)} reconstructed, {len(armor.passthrough)} copied through)")
 

@@ -74,7 +74,16 @@ def _init_distributed(device: str) -> None:
     type=click.Path(file_okay=False),
     help="Output directory (spec §6 shards, config, tokenizer, armor_report.json).",
 )
-@click.option("--method", type=click.Choice(METHODS), default="armor-hessian", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="armor-hessian",
+    show_default=True,
+    help="armor-nowag / armor-hessian: ARMOR (2:4 core between block-diagonal factors) on the nowag / hessian "
+    "objective; armor-anchored: ARMOR on the anchored objective (each layer, fed the compressed model's inputs, "
+    "reproduces the original model's outputs); sparsegpt, wanda, nowag-p, magnitude: plain 2:4 pruning; svd, svd-llm, "
+    "aa-svd: low-rank factors U V (plain SVD; whitened by the original inputs; anchored), see --ratio.",
+)
 @click.option("--calib-text", required=True, type=click.Path(dir_okay=False), help="Calibration text file.")
 @click.option("--nsamples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration windows.")
 @click.option(
@@ -99,6 +108,21 @@ def _init_distributed(device: str) -> None:
     type=click.IntRange(min=0),
     default=None,
     help=f"BCD sweep cap per layer [default: {BUDGET_HELP}].",
+)
+@click.option(
+    "--ratio",
+    type=float,
+    default=None,
+    help="Low-rank methods: the fraction of each linear's parameters kept, in (0, 1]: rank "
+    "k = floor(ratio * d_out * d_in / (d_out + d_in)).",
+)
+@click.option(
+    "--refine-epochs",
+    type=int,
+    default=None,
+    help="After each block is compressed, train its factors, norms and biases (2:4 masks fixed) so that the block "
+    "reproduces the original block's outputs; epochs over the calibration windows, 0 disables. [default: about "
+    "200 steps of 32 windows per block for svd, svd-llm, aa-svd and armor-anchored; 0 for the other methods]",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -132,6 +156,8 @@ def compress(
     device: str,
     block_size: int,
     sweeps: int | None,
+    ratio: float | None,
+    refine_epochs: int | None,
     seed: int,
     batch_size: int,
     lm_head: bool,
@@ -180,6 +206,8 @@ def compress(
         device=device,
         batch_size=batch_size,
         lm_head=lm_head,
+        ratio=ratio,
+        refine_epochs=refine_epochs,
     )
     _init_distributed(device)
     report = compress_model(model_dir, out_dir, calib_text, settings, resume=resume, progress=not quiet)
@@ -191,8 +219,9 @@ def compress(
         for note in report.get("notes", []):
             click.echo(f"note: {note}", err=True)
         errors = [layer["relative_output_error"] for layer in report["layers"]]
+        refined = f", block refinement {report['seconds_refine']:.1f} s" if report.get("seconds_refine") else ""
         click.echo(
-            f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s; "
+            f"{report['linears']} linears compressed with {method} in {report['seconds_blocks']:.1f} s{refined}; "
             f"relative output error mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; "
             f"written to {out_dir}" + (f" (plot: {report['error_plot']})" if "error_plot" in report else "")
         )

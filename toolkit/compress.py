@@ -20,8 +20,13 @@ concurrent runs and bad numbers.
    the tensor); for each *group* of linears (:mod:`toolkit.models`: q/k/v, then o, then the MLP input projections,
    then the MLP output projection), accumulate each linear's Gram matrix ``Xᵀ X`` over the stream (so a group sees
    the outputs of the groups already compressed), compress each linear (:func:`compress_group`: ``factorize`` of the
-   chosen backend, or a 2:4 baseline) and put ``Ŵ`` into the block; then forward the stream through the compressed
-   block (its outputs, finite, enter the next block). :meth:`Output.save_block` writes the block's shard, the stream
+   chosen backend, a 2:4 baseline, or a low-rank closed form) and put ``Ŵ`` into the block; then forward the stream
+   through the compressed block (its outputs, finite, enter the next block). **Two streams** (the anchored and
+   low-rank methods, and any run that refines; docs/aa-svd-spec.md): the stream also carries the original model's
+   block inputs, a dense copy of the block stays beside the compressed one, each group gets ``G = XᵀX``,
+   ``G' = X'ᵀX'`` and ``C = XᵀX'`` (:func:`accumulate_anchored_grams`) where the method needs them, the original
+   stream advances through the dense block, and the block is refined (:mod:`toolkit.refine`) before the compressed
+   stream advances. :meth:`Output.save_block` writes the block's shard, the stream
    entering the next block, and the manifest, whose write is what makes the block *finished*; the block is released:
    only one block's weights are ever in memory, which is what lets a model larger than memory be compressed.
 5. **LM head** (``lm_head``): compressed on the final normed hidden states of the compressed model, its own shard; a
@@ -30,8 +35,9 @@ concurrent runs and bad numbers.
    and tokenizer files (:func:`write_output_config`), the index, the report (:func:`build_report`), and last the
    manifest marked complete; then the lock is released.
 
-Every method writes the spec §6 layout (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with
-``A = B = I``, so every output loads the same way and file sizes compare fairly.
+Every 2:4 method writes the spec §6 layout (``NAME.armor.A/B/values/index``); the plain 2:4 baselines are written with
+``A = B = I``, so every output loads the same way and file sizes compare fairly. The low-rank methods write
+``NAME.lowrank.U/V`` in the same shards (:mod:`toolkit.armor_format`).
 
 **What is guaranteed.** Every file is written through :func:`toolkit.files.atomic_write`, every step after a finished
 block is deterministic, and the manifest records only what is durably on disk. So a run killed at any moment, or
@@ -48,7 +54,9 @@ takes the lock, writes the files and tells the others what is finished. Results 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import sys
 import time
@@ -59,10 +67,11 @@ from typing import Any
 import numpy as np
 
 from armor_ref.factorization import check_shapes, reconstruct
+from armor_ref.lowrank import anchored_loss, anchored_target, rank_for_ratio
 from backends.baselines import BASELINES, run_baseline
 from backends.objectives import hessian_loss, nowag_loss
 
-from .armor_format import armor_metadata, armor_tensors
+from .armor_format import LOWRANK_LAYOUT, armor_metadata, armor_tensors, lowrank_tensors
 from .calibration import check_gram
 from .errors import ArmorError
 from .files import (
@@ -110,7 +119,13 @@ from .models import (
 )
 from .report import finite, machine_info, output_error, write_error_plot
 
-METHODS = ("armor-nowag", "armor-hessian", "sparsegpt", "wanda", "nowag-p", "magnitude")
+ARMOR_METHODS = ("armor-nowag", "armor-hessian", "armor-anchored")
+LOWRANK_METHODS = ("svd", "svd-llm", "aa-svd")  # the objectives of armor_ref.lowrank with these names
+METHODS = (*ARMOR_METHODS, *BASELINES, *LOWRANK_METHODS)
+#: methods whose linears are solved from three Gram matrices, G = XᵀX, G' = X'ᵀX' and C = XᵀX' (the others need G')
+ANCHORED_METHODS = ("armor-anchored", *LOWRANK_METHODS)
+#: methods that refine each block by default (docs/aa-svd-spec.md §6); the others only with --refine-epochs N
+REFINED_BY_DEFAULT = ANCHORED_METHODS
 PROGRESS_DIR = ".armor-progress"
 REPORT_FILE = "armor_report.json"
 REST_SHARD = "model-rest.safetensors"
@@ -140,11 +155,41 @@ class CompressSettings:
     device: str = "cpu"
     batch_size: int = 8  # calibration sequences per forward pass
     lm_head: bool = False  # also compress the LM head (causal LMs)
+    ratio: float | None = None  # low-rank methods: the fraction of each linear's parameters kept
+    refine_epochs: int | None = None  # block refinement epochs; None: the method's default (refine_epochs_of)
 
     def identity(self) -> dict[str, Any]:
         """The settings that must match for ``--resume`` (``device`` and ``batch_size`` do not change results
         of the numpy backend, but are kept so a resumed run is exactly the interrupted one)."""
         return asdict(self)
+
+    @property
+    def lowrank(self) -> bool:
+        return self.method in LOWRANK_METHODS
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the linears need ``G``, ``G'`` and ``C`` (and so the original model's inputs beside the
+        compressed model's)."""
+        return self.method in ANCHORED_METHODS
+
+    @property
+    def epochs(self) -> int:
+        """Block refinement epochs: ``refine_epochs``, or for :data:`REFINED_BY_DEFAULT` methods
+        :func:`toolkit.refine.default_epochs` of the calibration size (about 200 steps per block), else 0."""
+        if self.refine_epochs is not None:
+            return self.refine_epochs
+        if self.method not in REFINED_BY_DEFAULT:
+            return 0
+        from .refine import default_epochs
+
+        return default_epochs(self.nsamples)
+
+    @property
+    def two_streams(self) -> bool:
+        """Whether the run carries the original model's block inputs ``X`` beside the compressed model's ``X'``:
+        for the anchored methods' Gram matrices and for the refinement's targets."""
+        return self.anchored or self.epochs > 0
 
 
 @dataclass
@@ -161,6 +206,52 @@ class LinearResult:
     def W_hat(self) -> np.ndarray:
         return reconstruct(self.A, self.S, self.B)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.S.shape
+
+    def tensors(self, stem: str) -> dict[str, np.ndarray]:
+        """The stored tensors (spec §6, ``stem.armor.*``)."""
+        return armor_tensors(stem, self)
+
+    def refined(self, factors: dict[str, np.ndarray]) -> LinearResult:
+        """This result with the factors a block refinement found (the mask unchanged)."""
+        return LinearResult(factors["A"], factors["B"], factors["S"], self.M, self.proxy, self.report)
+
+
+@dataclass
+class LowRankResult:
+    """One linear replaced by a low-rank product: ``W' = U V``, ``U`` (d_out, k), ``V`` (k, d_in)."""
+
+    U: np.ndarray
+    V: np.ndarray
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def W_hat(self) -> np.ndarray:
+        return self.U @ self.V
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.U.shape[0], self.V.shape[1]
+
+    def tensors(self, stem: str) -> dict[str, np.ndarray]:
+        """The stored tensors (``stem.lowrank.U``, ``stem.lowrank.V``)."""
+        return lowrank_tensors(stem, self)
+
+    def refined(self, factors: dict[str, np.ndarray]) -> LowRankResult:
+        return LowRankResult(factors["U"], factors["V"], self.report)
+
+
+@dataclass
+class Grams:
+    """The calibration Gram matrices of one linear, float64 (d_in, d_in): ``shifted = X'ᵀX'`` (its inputs in the
+    compressed model, what every method uses), and for the anchored methods ``original = XᵀX`` (its inputs in the
+    original model) and the cross Gram ``cross = XᵀX'``."""
+
+    shifted: np.ndarray
+    original: np.ndarray | None = None
+    cross: np.ndarray | None = None
+
 
 def require_finite(values: Any, what: str) -> None:
     """:class:`ArmorError` naming ``what`` when a NumPy array or a torch tensor holds NaN or Inf."""
@@ -174,58 +265,110 @@ def require_finite(values: Any, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def compress_linear(
     W: np.ndarray,
-    gram: np.ndarray,
+    grams: Grams,
     settings: CompressSettings,
     factorize: Callable | None = None,
     name: str = "the layer",
-) -> LinearResult:
-    """Compress one weight ``W`` (d_out, d_in) given its calibration Gram matrix ``Xᵀ X``.
+    solve_lowrank: Callable | None = None,
+) -> LinearResult | LowRankResult:
+    """Compress one weight ``W`` (d_out, d_in) given its calibration Gram matrices.
 
-    ``armor-*`` methods call ``factorize`` (the backend's, spec signature); baselines keep ``A = B = I``.
-    The report holds the proxy losses (the method's own objective, of the start and of the result), the
-    relative output error ``‖(W − Ŵ)Xᵀ‖² / ‖W Xᵀ‖²`` on the calibration data, and the seconds spent. A numerical
-    failure, non-finite factors or a non-finite (or undefined) metric is an :class:`ArmorError` naming ``name``.
-    """
+    ``armor-*`` methods call ``factorize`` (the backend's, spec signature) — ``armor-anchored`` on the anchored
+    target ``T = W C_δ G'_δ⁻¹`` with ``G'`` (:func:`armor_ref.lowrank.anchored_target`: the hessian objective there
+    is the damped anchored loss up to a constant); the low-rank methods call ``solve_lowrank`` (the backend's
+    :func:`armor_ref.lowrank.solve_lowrank`) at the rank of ``settings.ratio``; the 2:4 baselines keep
+    ``A = B = I``. The report holds the method's own losses, the relative output error
+    ``‖(W − Ŵ)X'ᵀ‖² / ‖W X'ᵀ‖²`` on the calibration data, for the anchored methods the relative anchored error
+    ``‖X Wᵀ − X' Ŵᵀ‖² / ‖X Wᵀ‖²``, and the seconds spent. A numerical failure, non-finite factors or a non-finite
+    (or undefined) metric is an :class:`ArmorError` naming ``name``."""
     W = np.asarray(W, dtype=np.float64)
     t0 = time.perf_counter()
-    b = settings.block_size
     try:
-        if settings.method.startswith("armor-"):
-            if factorize is None:
-                from backends import get_factorize
-
-                factorize = get_factorize(settings.backend, settings.device)
-            proxy = settings.method.removeprefix("armor-")
-            res = factorize(W, gram, proxy=proxy, block_size=b, sweeps=settings.sweeps, seed=settings.seed)
-            out = LinearResult(np.asarray(res.A), np.asarray(res.B), np.asarray(res.S), np.asarray(res.M), proxy)
-            report = {
-                "init": res.init,
-                "baseline_loss": float(res.baseline_loss),
-                "loss": float(res.loss),
-                "sweeps": int(res.sweeps),
-            }
+        if settings.lowrank:
+            out: LinearResult | LowRankResult = lowrank_linear(W, grams, settings, solve_lowrank)
+        elif settings.method.startswith("armor-"):
+            out = armor_linear(W, grams, settings, factorize)
         else:
-            S, M = run_baseline(settings.method, W, gram)
+            S, M = run_baseline(settings.method, W, grams.shifted)
             d_out, d_in = W.shape
-            eye = np.eye(b)
-            out = LinearResult(np.tile(eye, (d_out // b, 1, 1)), np.tile(eye, (d_in // b, 1, 1)), S, M, "none")
+            eye = np.eye(settings.block_size)
+            out = LinearResult(
+                np.tile(eye, (d_out // len(eye), 1, 1)), np.tile(eye, (d_in // len(eye), 1, 1)), S, M, "none"
+            )
             # the objectives ARMOR would start from, for comparison across methods
-            report = {"nowag_loss": nowag_loss(W, S, np.diag(gram)), "hessian_loss": hessian_loss(W, S, gram)}
+            out.report = {
+                "nowag_loss": nowag_loss(W, S, np.diag(grams.shifted)),
+                "hessian_loss": hessian_loss(W, S, grams.shifted),
+            }
     except np.linalg.LinAlgError as err:
         raise ArmorError(
             f"{name}: {settings.method} failed numerically ({err})",
             "check the layer's weights and calibration data for NaN/Inf or extreme values",
         ) from None
     seconds = time.perf_counter() - t0
-    for part in ("A", "B", "S"):
+    parts = ("U", "V") if settings.lowrank else ("A", "B", "S")
+    for part in parts:
         require_finite(getattr(out, part), f"{name}: the {settings.method} result's {part}")
-    for key in ("baseline_loss", "loss", "nowag_loss", "hessian_loss"):
+    report = out.report
+    for key in ("baseline_loss", "loss", "nowag_loss", "hessian_loss", "anchored_loss"):
         if key in report:
             finite(report[key], f"{key.replace('_', ' ')} of {name}")
-    report["relative_output_error"] = output_error(W, out.W_hat(), gram, f"relative output error of {name}")
+    W_hat = out.W_hat()
+    report["relative_output_error"] = output_error(W, W_hat, grams.shifted, f"relative output error of {name}")
+    if grams.original is not None:
+        report["relative_anchored_error"] = anchored_error(W, W_hat, grams, name)
     report["seconds"] = seconds
-    out.report = report
     return out
+
+
+def armor_linear(W: np.ndarray, grams: Grams, settings: CompressSettings, factorize: Callable | None) -> LinearResult:
+    """ARMOR on ``(W, G')`` (nowag, hessian) or on the anchored target ``(T, G')`` (anchored, hessian objective)."""
+    if factorize is None:
+        from backends import get_factorize
+
+        factorize = get_factorize(settings.backend, settings.device)
+    proxy = settings.method.removeprefix("armor-")
+    target = W
+    if proxy == "anchored":
+        target, proxy = anchored_target(W, grams.shifted, grams.cross), "hessian"
+    res = factorize(
+        target, grams.shifted, proxy=proxy, block_size=settings.block_size, sweeps=settings.sweeps, seed=settings.seed
+    )
+    out = LinearResult(np.asarray(res.A), np.asarray(res.B), np.asarray(res.S), np.asarray(res.M), res.proxy)
+    out.report = {
+        "init": res.init,
+        "baseline_loss": float(res.baseline_loss),
+        "loss": float(res.loss),
+        "sweeps": int(res.sweeps),
+    }
+    return out
+
+
+def lowrank_linear(
+    W: np.ndarray, grams: Grams, settings: CompressSettings, solve_lowrank: Callable | None
+) -> LowRankResult:
+    """The closed form of the method's objective at rank ``⌊ρ d_out d_in / (d_out + d_in)⌋``; its damped anchored
+    loss in the report (the loss ``aa-svd`` minimises)."""
+    if solve_lowrank is None:
+        from backends import get_lowrank
+
+        solve_lowrank = get_lowrank(settings.backend, settings.device)
+    assert settings.ratio is not None  # plan_run checked it
+    k = rank_for_ratio(settings.ratio, *W.shape)
+    factors = solve_lowrank(settings.method, W, k, grams.original, grams.shifted, grams.cross)
+    out = LowRankResult(np.asarray(factors.U), np.asarray(factors.V))
+    loss = anchored_loss(W, out.W_hat(), grams.original, grams.shifted, grams.cross)
+    out.report = {"rank": k, "anchored_loss": loss}
+    return out
+
+
+def anchored_error(W: np.ndarray, W_hat: np.ndarray, grams: Grams, name: str) -> float:
+    """``‖X Wᵀ − X' Ŵᵀ‖² / ‖X Wᵀ‖²``: the layer's output error against the original model, relative (undamped
+    :func:`armor_ref.lowrank.anchored_loss`, clipped at 0 against the cancellation of its expanded form)."""
+    scale = float(np.sum((W @ grams.original) * W))
+    loss = anchored_loss(W, W_hat, grams.original, grams.shifted, grams.cross, damping=0.0)
+    value = max(loss, 0.0) / scale if scale > 0 else math.nan
+    return finite(value, f"relative anchored error of {name}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,26 +403,34 @@ class CalibrationStream:
     """The calibration data entering the next block, per batch of windows: the hidden states (batch, seqlen, hidden)
     and the keyword arguments the model passes to its blocks (attention mask, rotary position embeddings, ...; the
     same for every block). Only the hidden states change from block to block, so only they are saved for
-    ``--resume``. A second stream (e.g. the original model's block inputs beside the compressed model's) is a second
-    list of hidden states here, saved and restored by :meth:`tensors` and :meth:`restore` under its own prefix."""
+    ``--resume``. ``hidden`` are the compressed model's block inputs ``X'``; a two-stream run
+    (:attr:`CompressSettings.two_streams`) also carries ``original``, the original model's block inputs ``X`` on the
+    same windows, saved and restored beside them."""
 
     hidden: list[Any]
     kwargs: list[dict]
+    original: list[Any] | None = None
 
     def batches(self) -> list[tuple[Any, dict]]:
         return list(zip(self.hidden, self.kwargs, strict=True))
 
     def advance(self, block: Any, what: str) -> None:
         """Replace the hidden states by ``block``'s outputs (finite, or an error naming ``what``)."""
-        torch = require_torch()
-        with torch.no_grad():
-            self.hidden = [run_block(block, h, kw).detach().clone() for h, kw in self.batches()]
-        for j, h in enumerate(self.hidden):
-            require_finite(h, f"{what} (calibration batch {j})")
+        self.hidden = forward_stream(block, self.batches(), what)
+
+    def advance_original(self, dense_block: Any, what: str) -> list[Any]:
+        """Replace the original model's block inputs by the outputs of the original (dense) block, and return them
+        (the targets of the block refinement)."""
+        assert self.original is not None
+        self.original = forward_stream(dense_block, list(zip(self.original, self.kwargs, strict=True)), what)
+        return self.original
 
     def tensors(self) -> dict[str, Any]:
-        """What is saved for ``--resume``: ``hidden.NNNNN`` per batch."""
-        return {f"hidden.{j:05d}": h.detach().cpu() for j, h in enumerate(self.hidden)}
+        """What is saved for ``--resume``: ``hidden.NNNNN`` per batch, and ``original.NNNNN`` in a two-stream run."""
+        saved = {f"hidden.{j:05d}": h.detach().cpu() for j, h in enumerate(self.hidden)}
+        for j, h in enumerate(self.original or []):
+            saved[f"original.{j:05d}"] = h.detach().cpu()
+        return saved
 
     def restore(self, tensors: dict[str, np.ndarray], device: str, source: str) -> None:
         """Put saved hidden states (:meth:`tensors`) back, on ``device``."""
@@ -287,7 +438,20 @@ class CalibrationStream:
         expected = self.tensors()
         if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in expected.items()}:
             raise ArmorError(f"{source} does not fit this run's calibration batches", "start again in a new directory")
-        self.hidden = [torch.from_numpy(tensors[name]).to(device) for name in sorted(expected)]
+        restored = {name: torch.from_numpy(tensors[name]).to(device) for name in sorted(expected)}
+        self.hidden = [t for name, t in restored.items() if name.startswith("hidden.")]
+        if self.original is not None:
+            self.original = [t for name, t in restored.items() if name.startswith("original.")]
+
+
+def forward_stream(block: Any, batches: list[tuple[Any, dict]], what: str) -> list[Any]:
+    """``block``'s outputs on every batch, each finite (or an error naming ``what``)."""
+    torch = require_torch()
+    with torch.no_grad():
+        outputs = [run_block(block, h, kw).detach().clone() for h, kw in batches]
+    for j, h in enumerate(outputs):
+        require_finite(h, f"{what} (calibration batch {j})")
+    return outputs
 
 
 class _StopForward(Exception):
@@ -397,6 +561,63 @@ def accumulate_grams(block: Any, linears: dict[str, Any], batches: list[tuple[An
     return {name: g.cpu().numpy() for name, g in grams.items()}
 
 
+def group_inputs(block: Any, linears: dict[str, Any], hidden: Any, kwargs: dict) -> dict[str, Any]:
+    """The input each named linear of ``block`` receives when one batch is forwarded (the forward stops once every
+    linear has its input); linears fed the very same tensor (q/k/v, gate/up) get that same tensor object."""
+    torch = require_torch()
+    seen: dict[str, Any] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: Any, args: tuple) -> None:
+            seen[name] = args[0]
+            if len(seen) == len(linears):
+                raise _StopForward
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
+    try:
+        with torch.no_grad():
+            run_block(block, hidden, kwargs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(seen) != len(linears):
+        missing = sorted(set(linears) - set(seen))
+        raise ArmorError(
+            f"linear(s) {', '.join(missing)} were not called by the block's forward",
+            "this architecture's layout in toolkit/models.py does not fit the model",
+        )
+    return seen
+
+
+def accumulate_anchored_grams(
+    dense_block: Any, block: Any, linears: dict[str, Any], stream: CalibrationStream
+) -> dict[str, Grams]:
+    """Each named linear's three Gram matrices over the calibration stream (float64): ``G = XᵀX`` of its inputs in
+    the original model (the dense block fed the original block inputs), ``G' = X'ᵀX'`` of its inputs in the
+    compressed model (``block``, whose earlier groups are already compressed, fed the compressed model's block
+    inputs) and the cross Gram ``C = XᵀX'``. Linears that share an input share the products."""
+    torch = require_torch()
+    assert stream.original is not None
+    dense_linears = {rel: get_submodule(dense_block, rel) for rel in linears}
+    sums: dict[str, list[Any]] = {rel: [0, 0, 0] for rel in linears}
+    for x, x_shift, kwargs in zip(stream.original, stream.hidden, stream.kwargs, strict=True):
+        original = group_inputs(dense_block, dense_linears, x, kwargs)
+        shifted = group_inputs(block, linears, x_shift, kwargs)
+        products: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+        for rel in linears:
+            key = (id(original[rel]), id(shifted[rel]))
+            if key not in products:
+                X = original[rel].detach().reshape(-1, original[rel].shape[-1]).to(torch.float64)
+                X_shift = shifted[rel].detach().reshape(-1, shifted[rel].shape[-1]).to(torch.float64)
+                products[key] = (X.T @ X, X_shift.T @ X_shift, X.T @ X_shift)
+            sums[rel] = [total + p for total, p in zip(sums[rel], products[key], strict=True)]
+    return {rel: Grams(*(g.cpu().numpy() for g in (G_shift, G, C))) for rel, (G, G_shift, C) in sums.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Distributed helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -478,6 +699,7 @@ class Run:
     block_names: list[set[str]]  # checkpoint tensors of each block
     rest_names: list[str]  # checkpoint tensors copied to the rest shard
     factorize: Callable | None
+    solve_lowrank: Callable | None
     device: str
     rank: int
     world: int
@@ -501,6 +723,18 @@ def check_settings(settings: CompressSettings) -> None:
         raise ArmorError("--sweeps must not be negative", "give 0 or more, or leave it out for the default")
     if settings.block_size <= 0 or settings.block_size % 4:
         raise ArmorError(f"block size {settings.block_size} must be a positive multiple of 4", "e.g. --block-size 32")
+    if settings.lowrank and settings.ratio is None:
+        raise ArmorError(
+            f"--method {settings.method} needs --ratio", "give the fraction of parameters to keep, e.g. --ratio 0.6"
+        )
+    if settings.ratio is not None and not settings.lowrank:
+        raise ArmorError(f"--ratio applies to the low-rank methods, not {settings.method}", "leave out --ratio")
+    if settings.ratio is not None and not (math.isfinite(settings.ratio) and 0 < settings.ratio <= 1):
+        raise ArmorError(
+            f"--ratio {settings.ratio} is outside (0, 1]", "give the fraction of parameters to keep, e.g. --ratio 0.6"
+        )
+    if settings.refine_epochs is not None and settings.refine_epochs < 0:
+        raise ArmorError("--refine-epochs must not be negative", "give 0 (no refinement) or more, or leave it out")
 
 
 def is_empty_output(out_dir: str) -> bool:
@@ -538,9 +772,12 @@ def check_output_directory(model_dir: str, out_dir: str, resume: bool) -> None:
         )
 
 
-def check_model_tensors(model: Any, blocks: Any, locations: dict[str, str], layout: Layout, block_size: int) -> None:
+def check_model_tensors(
+    model: Any, blocks: Any, locations: dict[str, str], layout: Layout, settings: CompressSettings
+) -> None:
     """Every block parameter is in the checkpoint with the shape the config gives it, and every linear to compress
-    splits into blocks of ``block_size`` — so nothing fails half-way for a reason that was known at the start."""
+    splits into blocks of the block size (2:4 methods) or keeps rank ≥ 1 at the ratio (low-rank methods) — so nothing
+    fails half-way for a reason that was known at the start."""
     shapes = checkpoint_shapes(locations)
     names = module_names(model)
     for block in blocks:
@@ -558,28 +795,36 @@ def check_model_tensors(model: Any, blocks: Any, locations: dict[str, str], layo
                     "use the config.json saved with these weights",
                 )
         for rel in layout.linears:
-            d_out, d_in = get_submodule(block, rel).weight.shape
-            try:
-                check_shapes(d_out, d_in, block_size)
-            except ValueError as err:
-                raise ArmorError(
-                    f"{prefix}.{rel} ({d_out}x{d_in}): {err}",
-                    "choose a --block-size (a multiple of 4) that divides every linear's dimensions",
-                ) from None
+            check_linear_shape(f"{prefix}.{rel}", *get_submodule(block, rel).weight.shape, settings)
 
 
-def check_lm_head(config: dict[str, Any], layout: Layout, block_size: int) -> None:
-    """``--lm-head`` needs a causal LM whose head splits into blocks of ``block_size``."""
+def check_linear_shape(name: str, d_out: int, d_in: int, settings: CompressSettings) -> None:
+    """:class:`ArmorError` unless the method can compress a (d_out, d_in) linear: the block size divides it (2:4
+    methods), or the ratio leaves it rank ≥ 1 (low-rank methods; the error names the smallest workable ratio)."""
+    try:
+        if settings.lowrank:
+            assert settings.ratio is not None
+            rank_for_ratio(settings.ratio, d_out, d_in)
+        else:
+            check_shapes(d_out, d_in, settings.block_size)
+    except ValueError as err:
+        if settings.lowrank:  # the message names the smallest workable ratio
+            raise ArmorError(f"{name} ({d_out}x{d_in}): {err}") from None
+        fix = "choose a --block-size (a multiple of 4) that divides every linear's dimensions"
+        raise ArmorError(f"{name} ({d_out}x{d_in}): {err}", fix) from None
+
+
+def check_lm_head(config: dict[str, Any], layout: Layout, settings: CompressSettings) -> None:
+    """``--lm-head`` needs a causal LM whose head the method can compress (:func:`check_linear_shape`)."""
     if layout.final_norm is None:
         raise ArmorError(
             f"--lm-head: a {config.get('model_type')} encoder has no LM head to compress", "leave out --lm-head"
         )
     vocab, hidden = config.get("vocab_size", 0), config.get("hidden_size", 0)
-    if vocab % block_size or hidden % block_size:
-        raise ArmorError(
-            f"--lm-head: the head is {vocab}×{hidden}, not a multiple of the block size {block_size}",
-            "leave the head dense or choose another --block-size",
-        )
+    try:
+        check_linear_shape("--lm-head: the head", vocab, hidden, settings)
+    except ArmorError as err:
+        raise ArmorError(err.problem, "leave the head dense, or " + err.fix) from None
 
 
 def block_tensor_names(model: Any, block: Any, locations: dict[str, str]) -> set[str]:
@@ -617,18 +862,20 @@ def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSe
     check_output_directory(model_dir, out_dir, resume)
     require_device(settings.device)
     if settings.lm_head:
-        check_lm_head(config, layout, settings.block_size)
-    factorize = None
-    if settings.method.startswith("armor-"):
-        from backends import BackendUnavailable, get_factorize
+        check_lm_head(config, layout, settings)
+    factorize = solve_lowrank = None
+    from backends import BackendUnavailable, get_factorize, get_lowrank
 
-        try:
+    try:
+        if settings.method.startswith("armor-"):
             factorize = get_factorize(settings.backend, settings.device)
-        except BackendUnavailable as exc:
-            raise ArmorError(str(exc)) from None
+        elif settings.lowrank:
+            solve_lowrank = get_lowrank(settings.backend, settings.device)
+    except BackendUnavailable as exc:
+        raise ArmorError(str(exc)) from None
     model, layout, locations = load_model_skeleton(model_dir)  # every shard header checked against its file
     blocks = blocks_of(model, layout)
-    check_model_tensors(model, blocks, locations, layout, settings.block_size)
+    check_model_tensors(model, blocks, locations, layout, settings)
     block_names = [block_tensor_names(model, block, locations) for block in blocks]
     compressed_head = set()
     if settings.lm_head:
@@ -652,6 +899,7 @@ def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSe
         block_names=block_names,
         rest_names=rest_names,
         factorize=factorize,
+        solve_lowrank=solve_lowrank,
         device=forward_device(settings, world),
         rank=rank,
         world=world,
@@ -662,10 +910,17 @@ def plan_run(model_dir: str, out_dir: str, calib_text: str, settings: CompressSe
 # Phase 2: the output directory, its lock and its manifest
 # ----------------------------------------------------------------------------------------------------------
 def shard_metadata(settings: CompressSettings) -> dict[str, str]:
-    """Header metadata of every output shard: spec §6's keys plus the method and its sweep budget."""
+    """Header metadata of every output shard: spec §6's keys plus the method, its sweep budget and the refinement
+    epochs; for the low-rank methods also the ratio and the layout of ``NAME.lowrank.*``. ``proxy`` is the objective
+    the linears were fitted to: ``nowag``, ``hessian``, ``anchored`` (ARMOR), ``none`` (plain 2:4) or the low-rank
+    method's own name."""
     sweeps = "default" if settings.sweeps is None else str(settings.sweeps)
     proxy = settings.method.removeprefix("armor-") if settings.method.startswith("armor-") else "none"
-    return armor_metadata(settings.block_size, proxy, {"method": settings.method, "sweeps": sweeps})
+    extra: dict[str, object] = {"method": settings.method, "sweeps": sweeps, "refine_epochs": str(settings.epochs)}
+    if settings.lowrank:
+        proxy = settings.method
+        extra.update(ratio=str(settings.ratio), lowrank_layout=LOWRANK_LAYOUT)
+    return armor_metadata(settings.block_size, proxy, extra)
 
 
 def check_resumable(run: Run, manifest: dict[str, Any], resume: bool) -> None:
@@ -822,7 +1077,8 @@ class Output:
 # ----------------------------------------------------------------------------------------------------------
 def calibration_stream(run: Run, output: Output) -> CalibrationStream:
     """The block inputs of the calibration windows: captured in front of the first block (cheap: embeddings only),
-    with the hidden states replaced by the saved ones when the run resumes after its first block."""
+    with the hidden states replaced by the saved ones when the run resumes after its first block. A two-stream run
+    starts both streams from the same embeddings."""
     captured = capture_block_inputs(
         run.model, run.blocks, run.windows, run.settings.batch_size, run.layout.kind == "causal"
     )
@@ -830,51 +1086,120 @@ def calibration_stream(run: Run, output: Output) -> CalibrationStream:
     stream = CalibrationStream([h for h, _ in captured], [kw for _, kw in captured])
     for j, h in enumerate(stream.hidden):
         require_finite(h, f"the inputs of the first block (embeddings of calibration batch {j})")
+    if run.settings.two_streams:
+        stream.original = [h.clone() for h in stream.hidden]
     saved = output.progress["stream"]
     if saved:
         stream.restore(read_safetensors(output.path(saved["file"]))[0], run.device, output.path(saved["file"]))
     return stream
 
 
-def compress_group(run: Run, prefix: str, linears: dict[str, Any], grams: dict[str, np.ndarray]) -> dict:
+def group_grams(run: Run, dense_block: Any, block: Any, linears: dict[str, Any], stream: CalibrationStream) -> dict:
+    """The Gram matrices the method needs for one group: ``G``, ``G'``, ``C`` for the anchored methods
+    (:func:`accumulate_anchored_grams`), else ``G'`` alone (:func:`accumulate_grams`, today's cost)."""
+    if run.settings.anchored:
+        return accumulate_anchored_grams(dense_block, block, linears, stream)
+    return {rel: Grams(g) for rel, g in accumulate_grams(block, linears, stream.batches()).items()}
+
+
+def checked_grams(grams: Grams, name: str) -> Grams:
+    """``grams`` with ``G'`` and ``G`` usable Gram matrices (:func:`toolkit.calibration.check_gram`), ``C`` finite."""
+    check_gram(grams.shifted, f"inputs of {name}")
+    if grams.original is not None:
+        check_gram(grams.original, f"inputs of {name} in the original model")
+        require_finite(grams.cross, f"the cross Gram matrix XᵀX' of {name}")
+    return grams
+
+
+def compress_group(run: Run, prefix: str, linears: dict[str, Any], grams: dict[str, Grams]) -> dict:
     """Compress the linears of one group (their Gram matrices given), each on its owner rank, and put each ``Ŵ``
     into the block."""
     torch = require_torch()
-    results: dict[str, LinearResult] = {}
+    results: dict[str, LinearResult | LowRankResult] = {}
     for j, (rel, linear) in enumerate(linears.items()):
         owner = j % run.world
         mine = None
         if owner == run.rank:
             W = linear.weight.detach().cpu().to(torch.float64).numpy()
-            gram = check_gram(grams[rel], f"inputs of {prefix}.{rel}")
-            mine = compress_linear(W, gram, run.settings, run.factorize, f"{prefix}.{rel}")
+            name = f"{prefix}.{rel}"
+            layer_grams = checked_grams(grams[rel], name)
+            mine = compress_linear(W, layer_grams, run.settings, run.factorize, name, run.solve_lowrank)
         result = share_result(mine, owner, run.world)
         linear.weight.data.copy_(torch.from_numpy(result.W_hat()))
         results[rel] = result
     return results
 
 
-def compress_block(run: Run, i: int, stream: CalibrationStream, bar: Any) -> dict[str, LinearResult]:
-    """Compress block ``i``: read its weights, then group by group Gram matrices → compress → replace; finally
-    forward the stream through the compressed block (the next block's inputs)."""
+def compress_block(run: Run, i: int, stream: CalibrationStream, bar: Any) -> tuple[dict, dict[str, Any]]:
+    """Compress block ``i``: read its weights, then group by group Gram matrices → compress → replace; then, in a
+    two-stream run, forward the original stream through the original (dense) block and refine the block
+    (:func:`refine`); finally forward the stream through the compressed block (the next block's inputs). Returns
+    the results by linear and what :func:`refine` returns (empty when the block is not refined)."""
     block, prefix = run.blocks[i], run.prefix(i)
     load_block(run.model, block, run.locations, run.device)
     for local, param in block.named_parameters():
         require_finite(param, f"checkpoint tensor {prefix}.{local}")
-    results: dict[str, LinearResult] = {}
+    dense_block = copy.deepcopy(block) if run.settings.two_streams else None  # the original block, beside
+    results: dict[str, LinearResult | LowRankResult] = {}
     for group in run.layout.groups:
         linears = {rel: get_submodule(block, rel) for rel in group}
-        grams = accumulate_grams(block, linears, stream.batches())
+        grams = group_grams(run, dense_block, block, linears, stream)
         results.update(compress_group(run, prefix, linears, grams))
         bar.set_postfix_str(f"{group[-1]} rel.err {results[group[-1]].report['relative_output_error']:.4f}")
         bar.update(len(group))
+    refinement: dict[str, Any] = {}
+    if dense_block is not None:
+        targets = stream.advance_original(dense_block, f"the outputs of the original {prefix}")
+        del dense_block
+        if run.settings.epochs > 0:
+            refinement = refine(run, i, block, results, stream.batches(), targets)
     stream.advance(block, f"the outputs of {prefix}")
-    return results
+    return results, refinement
 
 
-def block_tensors(run: Run, i: int, results: dict[str, LinearResult]) -> dict[str, Any]:
-    """The tensors of block ``i``'s shard: spec §6 tensors for each compressed linear (under the checkpoint's own
-    name stem), everything else of the block copied from the checkpoint."""
+def refine(run: Run, i: int, block: Any, results: dict, inputs: list, targets: list) -> dict[str, Any]:
+    """Refine block ``i`` (:func:`toolkit.refine.refine_block`, on rank 0; the outcome is shared): put the refined
+    factors into ``results`` and their ``Ŵ`` into the block's linears, and the refined norms and biases — rounded to
+    the checkpoint's dtype, as they will be stored — into the block. Returns the refinement's report and the refined
+    1-D parameters (``{"report": …, "params": {name in the block: tensor}}``)."""
+    torch = require_torch()
+    linears = {rel: get_submodule(block, rel) for rel in results}
+    mine = None
+    if run.rank == 0:
+        from .refine import refine_block
+
+        settings = run.settings
+        mine = refine_block(
+            block,
+            linears,
+            results,
+            inputs,
+            targets,
+            settings.epochs,
+            settings.batch_size,
+            settings.seed + i,
+            run_block,
+            run.prefix(i),
+        )
+    refinement = share_result(mine, 0, run.world)
+    prefix = run.prefix(i)
+    params = dict(block.named_parameters())
+    stored = {}
+    with torch.no_grad():
+        for name, value in refinement.params.items():
+            dtype = read_checkpoint_tensor(run.locations, checkpoint_name(f"{prefix}.{name}", run.locations)).dtype
+            stored[name] = value.to(dtype)
+            params[name].copy_(stored[name].to(params[name].dtype))
+        for rel, factors in refinement.factors.items():
+            results[rel] = results[rel].refined(factors)
+            linears[rel].weight.copy_(torch.from_numpy(results[rel].W_hat()))
+    return {"report": refinement.report, "params": stored}
+
+
+def block_tensors(run: Run, i: int, results: dict, refined: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tensors of block ``i``'s shard: each compressed linear's stored factors (under the checkpoint's own name
+    stem), everything else of the block copied from the checkpoint — or, when the block was refined, the refined
+    values of its norms and biases (``refined``: by name in the block, in the checkpoint's dtype)."""
     prefix = run.prefix(i)
     tensors: dict[str, Any] = {}
     compressed = set()
@@ -882,9 +1207,10 @@ def block_tensors(run: Run, i: int, results: dict[str, LinearResult]) -> dict[st
         ck = checkpoint_name(f"{prefix}.{rel}.weight", run.locations)
         assert ck is not None  # plan_run checked every block parameter
         compressed.add(ck)
-        tensors.update(armor_tensors(ck.removesuffix(".weight"), result))
+        tensors.update(result.tensors(ck.removesuffix(".weight")))
+    replaced = {checkpoint_name(f"{prefix}.{name}", run.locations): value for name, value in (refined or {}).items()}
     for ck in sorted(run.block_names[i] - compressed):
-        tensors[ck] = read_checkpoint_tensor(run.locations, ck)
+        tensors[ck] = replaced[ck] if ck in replaced else read_checkpoint_tensor(run.locations, ck)
     return tensors
 
 
@@ -901,14 +1227,17 @@ def compress_blocks(run: Run, output: Output, on_block_done: Callable[[int], Non
     for i in range(start, n_blocks):
         t_block, cpu_block = time.perf_counter(), time.process_time()
         bar = _progress(len(run.layout.linears), f"block {i}", 1, not (show and output.writer))
-        results = compress_block(run, i, stream, bar)
+        results, refinement = compress_block(run, i, stream, bar)
         bar.close()
         prefix = run.prefix(i)
         reports = [
-            {"block": i, "name": f"{prefix}.{rel}", "shape": list(r.S.shape), **r.report} for rel, r in results.items()
+            {"block": i, "name": f"{prefix}.{rel}", "shape": list(r.shape), **r.report} for rel, r in results.items()
         ]
         timing = {"block": i, "seconds": time.perf_counter() - t_block, "cpu_seconds": time.process_time() - cpu_block}
-        output.save_block(i, block_tensors(run, i, results), reports, timing, stream)
+        if refinement:
+            timing["refine"] = refinement["report"]
+        tensors = block_tensors(run, i, results, refinement.get("params"))
+        output.save_block(i, tensors, reports, timing, stream)
         release_block(run.blocks[i])
         bar_blocks.update(1)
         if run.world > 1:
@@ -922,6 +1251,24 @@ def compress_blocks(run: Run, output: Output, on_block_done: Callable[[int], Non
         compress_lm_head(run, output, stream)
 
 
+def head_grams(norm: Any, stream: CalibrationStream, anchored: bool) -> Grams:
+    """The LM head's Gram matrices: of the final normed hidden states of the compressed model (``G'``), and for
+    the anchored methods of the original model (``G``) and the cross Gram ``C``."""
+    torch = require_torch()
+    sums: list[Any] = [0, 0, 0]
+    originals = stream.original if anchored else [None] * len(stream.hidden)
+    with torch.no_grad():
+        for hidden, original in zip(stream.hidden, originals or [], strict=True):
+            x_shift = norm(hidden).reshape(-1, hidden.shape[-1]).to(torch.float64)
+            sums[0] = sums[0] + x_shift.T @ x_shift
+            if original is not None:
+                x = norm(original).reshape(-1, original.shape[-1]).to(torch.float64)
+                sums[1], sums[2] = sums[1] + x.T @ x, sums[2] + x.T @ x_shift
+    if not anchored:
+        return Grams(sums[0].cpu().numpy())
+    return Grams(*(g.cpu().numpy() for g in sums))
+
+
 def compress_lm_head(run: Run, output: Output, stream: CalibrationStream) -> None:
     """``--lm-head``: compress the LM head on the final normed hidden states of the compressed model (rank 0) and
     save it to its own shard."""
@@ -929,23 +1276,17 @@ def compress_lm_head(run: Run, output: Output, stream: CalibrationStream) -> Non
     t0, cpu0 = time.perf_counter(), time.process_time()
     head, name = load_lm_head(run.model, run.locations, run.device)
     norm = get_submodule(run.model, run.layout.final_norm).to(run.device)
-    gram: Any = 0
-    with torch.no_grad():
-        for hidden in stream.hidden:
-            x = norm(hidden).reshape(-1, hidden.shape[-1]).to(torch.float64)
-            gram = gram + x.T @ x
+    grams = head_grams(norm, stream, run.settings.anchored)
     mine = None
     if run.rank == 0:
         W = head.weight.detach().cpu().to(torch.float64).numpy()
-        mine = compress_linear(
-            W, check_gram(gram.cpu().numpy(), f"inputs of {name}"), run.settings, run.factorize, name
-        )
+        mine = compress_linear(W, checked_grams(grams, name), run.settings, run.factorize, name, run.solve_lowrank)
     result = share_result(mine, 0, run.world)
     head.to("meta")
     stem = (checkpoint_name(f"{name}.weight", run.locations) or f"{name}.weight").removesuffix(".weight")
-    report = {"block": None, "name": name, "shape": list(result.S.shape), **result.report}
+    report = {"block": None, "name": name, "shape": list(result.shape), **result.report}
     timing = {"block": "lm_head", "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
-    output.save_head(armor_tensors(stem, result), [report], timing)
+    output.save_head(result.tensors(stem), [report], timing)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -994,6 +1335,7 @@ def build_report(run: Run, output: Output, t_start: float) -> dict[str, Any]:
         "linears": len(progress["layers"]),
         "seconds_total_this_run": time.perf_counter() - t_start,
         "seconds_blocks": sum(b["seconds"] for b in progress["blocks"]),
+        "seconds_refine": sum(b.get("refine", {}).get("seconds", 0.0) for b in progress["blocks"]),
         "cpu_seconds_blocks": sum(b["cpu_seconds"] for b in progress["blocks"]),
         "machine": machine_info(),
     }

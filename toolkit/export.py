@@ -1,7 +1,8 @@
 """``armor-ref export-dense``: a compressed directory back to a plain checkpoint that loads everywhere.
 
-Every factorized module ``NAME`` (spec §6 tensors ``NAME.armor.A/B/values/index``) becomes an ordinary
-``NAME.weight = Ŵ = blockdiag(A) · S · blockdiag(B)``, computed in float64 and stored in the dense model's own
+Every factorized module ``NAME`` (spec §6 tensors ``NAME.armor.A/B/values/index``, or low-rank factors
+``NAME.lowrank.U/V``) becomes an ordinary ``NAME.weight = Ŵ = blockdiag(A) · S · blockdiag(B)`` (or ``U V``), computed
+in float64 and stored in the dense model's own
 dtype (recorded by ``compress`` in ``quantization_config.dense``); every other tensor is copied as stored. The
 output is sharded like the dense model: one ``model.safetensors`` when it was one file, else shards of at most its
 largest shard's size, named and indexed as transformers names them. ``config.json`` gets the dense model type and
@@ -20,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from .armor_format import armor_layer, armor_stems, dense_tensor_name
+from .armor_format import (
+    ARMOR_SUFFIXES,
+    LOWRANK_SUFFIXES,
+    armor_layer,
+    armor_stems,
+    dense_tensor_name,
+    is_factor_tensor,
+    lowrank_layer,
+    lowrank_stems,
+)
 from .errors import ArmorError
 from .files import copy_file, read_safetensors_header, write_json, write_safetensors
 from .manifest import verify_run
@@ -86,12 +96,12 @@ def export_dense(armor_dir: str, out_dir: str) -> dict[str, Any]:
         raise ArmorError(f"{armor_dir}/config.json records an unknown dense dtype {dense.get('dtype')!r}")
     locations = tensor_locations(armor_dir)
     infos = {name: info for path in weight_files(armor_dir) for name, info in read_safetensors_header(path)[0].items()}
-    stems = armor_stems(locations)
-    copied = [name for name in locations if not any(name.startswith(stem + ".armor.") for stem in stems)]
+    stems = armor_stems(locations) + lowrank_stems(locations)
+    copied = [name for name in locations if not is_factor_tensor(name)]
     sizes = {name: infos[name].end - infos[name].begin for name in copied}
     for stem in stems:
-        d_out, half = infos[f"{stem}.armor.values"].shape
-        sizes[dense_tensor_name(stem)] = d_out * 2 * half * dtype.itemsize
+        d_out, d_in = _dense_shape(infos, stem)
+        sizes[dense_tensor_name(stem)] = d_out * d_in * dtype.itemsize
     clash = sorted(set(copied) & {dense_tensor_name(s) for s in stems})
     if clash:
         raise ArmorError(f"{armor_dir} holds both {clash[0]} and its ARMOR factors", "write the directory again")
@@ -135,10 +145,18 @@ def export_dense(armor_dir: str, out_dir: str) -> dict[str, Any]:
     }
 
 
+def _dense_shape(infos: dict[str, Any], stem: str) -> tuple[int, int]:
+    """``(d_out, d_in)`` of stored layer ``stem``, from the shard headers."""
+    if f"{stem}.lowrank.U" in infos:
+        return infos[f"{stem}.lowrank.U"].shape[0], infos[f"{stem}.lowrank.V"].shape[1]
+    d_out, half = infos[f"{stem}.armor.values"].shape
+    return d_out, 2 * half
+
+
 def _read_layer(locations: dict[str, str], stem: str, block_size: int, source: str) -> Any:
-    """The validated stored layer ``stem`` (:func:`toolkit.armor_format.armor_layer`)."""
-    arrays = {}
-    for suffix in ("A", "B", "values", "index"):
-        key = f"{stem}.armor.{suffix}"
-        arrays[key] = read_checkpoint_tensor(locations, key).numpy()
-    return armor_layer(stem, arrays, block_size, source)
+    """The validated stored layer ``stem``: ARMOR (:func:`toolkit.armor_format.armor_layer`) or low-rank
+    (:func:`toolkit.armor_format.lowrank_layer`)."""
+    lowrank = f"{stem}.lowrank.U" in locations
+    keys = [stem + suffix for suffix in (LOWRANK_SUFFIXES if lowrank else ARMOR_SUFFIXES) if stem + suffix in locations]
+    arrays = {key: read_checkpoint_tensor(locations, key).numpy() for key in keys}
+    return lowrank_layer(stem, arrays, source) if lowrank else armor_layer(stem, arrays, block_size, source)

@@ -57,6 +57,7 @@ from .models import (
     ARMOR_MODEL_TYPE_PREFIX,
     LAYOUTS,
     checkpoint_name,
+    checkpoint_shapes,
     dense_model_type,
     get_submodule,
     read_checkpoint_tensor,
@@ -103,13 +104,17 @@ def quantization_config(
     method: str,
     proxy: str,
     dense: dict[str, Any],
+    lowrank: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``quantization_config`` of an ARMOR directory (:class:`ArmorQuantizationConfig`'s fields). ``modules``:
-    the checkpoint name stems stored as ARMOR factors; ``dense``: the source's ``model_type``, ``architectures``
-    and weight ``dtype``, and ``max_shard_bytes`` (its largest shard, ``None`` when it was one file)."""
+    the checkpoint name stems of every factorized linear; ``lowrank``: those of them stored as low-rank factors
+    (``NAME.lowrank.U/V``), with their ranks (the key is absent when there are none; the others are ARMOR factors);
+    ``dense``: the source's ``model_type``, ``architectures`` and weight ``dtype``, and ``max_shard_bytes`` (its
+    largest shard, ``None`` when it was one file). A reader that does not know ``lowrank`` refuses such a directory
+    (it looks for ARMOR tensors of every listed module) instead of loading it wrong."""
     from .armor_format import ARMOR_VERSION
 
-    return {
+    config = {
         "quant_method": QUANT_METHOD,
         "format_version": ARMOR_VERSION,
         "block_size": block_size,
@@ -118,6 +123,9 @@ def quantization_config(
         "proxy": proxy,
         "dense": dense,
     }
+    if lowrank:
+        config["lowrank"] = dict(sorted(lowrank.items()))
+    return config
 
 
 def auto_classes_of(base_type: str) -> tuple[str, ...]:
@@ -200,9 +208,12 @@ def write_armor_config(model_dir: str, out_dir: str, block_size: int, method: st
     path = os.path.join(out_dir, "config.json")
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
-    from .armor_format import armor_stems
+    from .armor_format import armor_stems, lowrank_stems
 
-    modules = armor_stems(tensor_locations(out_dir))
+    locations = tensor_locations(out_dir)
+    shapes = checkpoint_shapes(locations)
+    lowrank = {stem: shapes[stem + ".lowrank.U"][1] for stem in lowrank_stems(locations)}
+    modules = armor_stems(locations) + sorted(lowrank)
     source = read_config(model_dir)
     dense = {
         "model_type": source["model_type"],
@@ -210,7 +221,7 @@ def write_armor_config(model_dir: str, out_dir: str, block_size: int, method: st
         "dtype": _stored_dtype(tensor_locations(model_dir), modules),
         "max_shard_bytes": _max_shard_bytes(model_dir),
     }
-    config = armor_config(config, quantization_config(modules, block_size, method, proxy, dense))
+    config = armor_config(config, quantization_config(modules, block_size, method, proxy, dense, lowrank))
     write_json(path, config)
     write_remote_code(out_dir, dense_model_type(config))
     return ["config.json", REMOTE_CODE_FILE]
@@ -254,6 +265,7 @@ class ArmorQuantizationConfig(QuantizationConfigMixin):
         method: str = "",
         proxy: str = "",
         dense: dict[str, Any] | None = None,
+        lowrank: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         from .armor_format import ARMOR_VERSION
@@ -265,6 +277,8 @@ class ArmorQuantizationConfig(QuantizationConfigMixin):
         self.method = method
         self.proxy = proxy
         self.dense = dict(dense or {})
+        if lowrank:  # absent from ARMOR-only configs, so that those are written back as they were
+            self.lowrank = {str(k): int(v) for k, v in lowrank.items()}
         kwargs.pop("quant_method", None)
         for key, value in kwargs.items():  # fields of a later version are kept (and written back)
             setattr(self, key, value)
@@ -278,23 +292,26 @@ class ArmorQuantizationConfig(QuantizationConfigMixin):
 
 
 class ArmorHfQuantizer(HfQuantizer):
-    """Loads ARMOR directories: the listed linears become :class:`ArmorLinear` placeholders before the weights are
-    read (checked against the checkpoint first: every listed module has its four ARMOR tensors and no other module
-    has any), and their cores are unpacked after. It cannot compress a dense model on load (``armor-ref compress``
-    does that)."""
+    """Loads ARMOR directories: the listed linears become :class:`ArmorLinear` placeholders — or, for those listed
+    in ``lowrank``, :class:`~backends.torch.lowrank.LowRankLinear` ones of the recorded rank — before the weights are
+    read (checked against the checkpoint first: every listed module has its tensors and no other module has any),
+    and the ARMOR cores are unpacked after. It cannot compress a dense model on load (``armor-ref compress`` does
+    that)."""
 
     requires_calibration = True  # pre-quantized checkpoints only
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: Any = None, **kwargs: Any) -> Any:
         from backends.torch.inference import ArmorLinear
+        from backends.torch.lowrank import LowRankLinear
 
         config = self.quantization_config
         stems = set(config.modules)
+        ranks = getattr(config, "lowrank", {})
         if checkpoint_files:  # a compress run must be finished and unaltered (toolkit.manifest)
             verify_run(os.path.dirname(str(checkpoint_files[0])))
         stored = _stored_shapes(checkpoint_files or [])
         if stored is not None:
-            _check_checkpoint(stems, stored)
+            _check_checkpoint(stems, set(ranks), stored)
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
             stem = checkpoint_name(name, stems) if name else None
@@ -303,15 +320,12 @@ class ArmorHfQuantizer(HfQuantizer):
             if not isinstance(module, torch.nn.Linear):
                 raise ValueError(f"{name} is listed as an ARMOR module but is a {type(module).__name__}")
             weight = module.weight
+            shape = {"bias": module.bias is not None, "dtype": weight.dtype, "device": weight.device}
             try:
-                new = ArmorLinear.empty(
-                    module.out_features,
-                    module.in_features,
-                    config.block_size,
-                    bias=module.bias is not None,
-                    dtype=weight.dtype,
-                    device=weight.device,
-                )
+                if stem in ranks:
+                    new = LowRankLinear.empty(module.out_features, module.in_features, ranks[stem], **shape)
+                else:
+                    new = ArmorLinear.empty(module.out_features, module.in_features, config.block_size, **shape)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
             parent, _, child = name.rpartition(".")
@@ -356,18 +370,24 @@ def _stored_shapes(checkpoint_files: list[str]) -> dict[str, tuple[int, ...]] | 
     return shapes
 
 
-def _check_checkpoint(stems: set[str], stored: dict[str, tuple[int, ...]]) -> None:
-    """ValueError unless every listed module has its four ARMOR tensors, and no unlisted one has any (it would
-    otherwise be loaded with a random weight)."""
-    from .armor_format import ARMOR_SUFFIXES, armor_stems
+def _check_checkpoint(stems: set[str], lowrank: set[str], stored: dict[str, tuple[int, ...]]) -> None:
+    """ValueError unless every listed module has its tensors (the two low-rank factors for those in ``lowrank``, the
+    four ARMOR tensors for the others), and no unlisted one has any (it would otherwise be loaded with a random
+    weight)."""
+    from .armor_format import ARMOR_SUFFIXES, LOWRANK_SUFFIXES, armor_stems, lowrank_stems
 
     for stem in sorted(stems):
-        missing = [stem + s for s in ARMOR_SUFFIXES if stem + s not in stored]
+        suffixes = LOWRANK_SUFFIXES if stem in lowrank else ARMOR_SUFFIXES
+        missing = [stem + s for s in suffixes if stem + s not in stored]
         if missing:
             raise ValueError(f"the checkpoint lacks {missing[0]}, listed in quantization_config.modules")
-    unlisted = sorted(set(armor_stems(stored)) - stems)
-    if unlisted:
-        raise ValueError(f"the checkpoint holds ARMOR tensors of {unlisted[0]}, which quantization_config omits")
+    for kind, found, listed in (
+        ("ARMOR tensors", armor_stems(stored), stems - lowrank),
+        ("low-rank factors", lowrank_stems(stored), lowrank),
+    ):
+        unlisted = sorted(set(found) - listed)
+        if unlisted:
+            raise ValueError(f"the checkpoint holds {kind} of {unlisted[0]}, which quantization_config omits")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -180,17 +180,27 @@ def _by_block(report: Mapping[str, Any]) -> tuple[list[str], dict[Any, dict[str,
 
 def compression_table(report: Mapping[str, Any]) -> str:
     """What `armor-ref compress` prints at the end: one row per block, the relative output error
-    ``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` of each of its linears on the calibration data, and the block's seconds."""
+    ``‖(W − Ŵ) Xᵀ‖² / ‖W Xᵀ‖²`` of each of its linears on the calibration data, and the block's seconds; when
+    blocks were refined, the refinement's block loss after ÷ before (``undone`` when it did not help)."""
     order, errors = _by_block(report)
     labels = linear_labels(order)
     seconds = {b["block"]: b["seconds"] for b in report["blocks"]}
+    refined = {b["block"]: b["refine"] for b in report["blocks"] if "refine" in b}
     rows = []
     for block, values in errors.items():
-        name = "head" if block is None else block
-        rows.append(
-            [name, *(values.get(rel, "-") for rel in order), seconds.get("lm_head" if block is None else block, "-")]
-        )
-    return format_table(["block", *(labels[rel] for rel in order), "seconds"], rows)
+        key = "lm_head" if block is None else block
+        row = [*(values.get(rel, "-") for rel in order), seconds.get(key, "-")]
+        if refined:
+            refine = refined.get(key)
+            row.append("-" if refine is None else "undone" if refine["reverted"] else _loss_ratio(refine))
+        rows.append(["head" if block is None else block, *row])
+    extra = ["refined loss ratio"] if refined else []
+    return format_table(["block", *(labels[rel] for rel in order), "seconds", *extra], rows)
+
+
+def _loss_ratio(refine: Mapping[str, Any]) -> float | str:
+    before = refine["block_loss_before"]
+    return refine["block_loss_after"] / before if before > 0 else "-"
 
 
 def write_error_plot(out_dir: str, report: Mapping[str, Any]) -> dict[str, Any]:
