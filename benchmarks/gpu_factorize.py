@@ -17,13 +17,14 @@ downloaded): a low-rank shared component plus noise, log-normal channel scales a
 larger (the massive-activation channels of real LLMs); weights Gaussian with log-normal row scales. For timing and
 memory, not for quality claims.
 
-For every layer: SparseGPT's time (torch, same GPU, the operands already there); then the fast path's
-``factorize`` at default settings (hessian proxy, SparseGPT start, the stopping rule of 0.5 % per sweep with a cap
-of 40 sweeps, block 32, float32 on CUDA) with the time of every sweep and of every step (A, B, core values,
-discrete: CUDA-synchronised around each step), the time to the default-settings loss (the run's end, the transfer of ``W`` and the Gram matrix included) and to within
-1 % of it, the fused kernel's launches, and the peak GPU memory (``torch.cuda.max_memory_allocated``) next to the
-memory model's prediction. The JSON records the GPU model, driver, torch / CUDA / Triton versions and the issue's
-targets next to the figures. ``benchmarks/run_gpu.sh`` runs every stage::
+For every layer: SparseGPT's time (torch, same GPU, the operands already there); then the fast path's ``factorize``
+at default settings (hessian proxy, SparseGPT start, the stopping rule of 0.5 % per sweep with a cap of 40 sweeps,
+block 32, float32 on CUDA) with the time of every sweep and of every step (A, B, core values, discrete:
+CUDA-synchronised around each step), the time to the default-settings loss (the run's end, the transfer of ``W`` and
+the Gram matrix included) and to within 1 % of it, the fused kernel's launches, and the peak GPU memory
+(``torch.cuda.max_memory_allocated``) next to the memory model's prediction. The JSON records the GPU model, driver,
+torch / CUDA / Triton versions and the issue's targets next to the figures. ``benchmarks/run_gpu.sh`` runs every
+stage::
 
     python benchmarks/gpu_factorize.py layers                 # GPU
     python benchmarks/gpu_factorize.py block-attn             # GPU
