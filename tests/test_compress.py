@@ -506,40 +506,21 @@ def test_eval_on_a_text_without_passages_says_what_a_passage_is(workdir, tmp_pat
     assert "at least 32 words" in result.stderr and result.stderr.count("\n") == 1
 
 
+def torchrun_compress(workdir, out, port: int, *options: str) -> subprocess.CompletedProcess:
+    """``compress`` of the tiny BERT under torchrun with 2 CPU processes (gloo), one thread each, the small
+    settings of these tests (8 windows of 32 tokens, block 16) plus ``options``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "toolkit", "compress", str(workdir / "bert"), "-o", str(out)]
+    cmd += ["--calib-text", str(workdir / "calib.txt"), "--nsamples", "8", "--seqlen", "32", "--block-size", "16"]
+    return subprocess.run([*cmd, *options, "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_two_gloo_processes_give_the_single_process_result(workdir, bert_hessian):
     """torchrun with 2 CPU processes (gloo): q/k/v are factorized on different ranks; output identical."""
     reference, _ = bert_hessian
     out = workdir / "bert-dist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "toolkit",
-        "compress",
-        str(workdir / "bert"),
-        "-o",
-        str(out),
-        "--method",
-        "armor-hessian",
-        "--calib-text",
-        str(workdir / "calib.txt"),
-        "--nsamples",
-        "8",
-        "--seqlen",
-        "32",
-        "--block-size",
-        "16",
-        "--sweeps",
-        "2",
-        "--quiet",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_compress(workdir, out, 29517, "--method", "armor-hessian", "--sweeps", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.load(open(out / "armor_report.json"))["world_size"] == 2
     a, b = all_tensors(reference), all_tensors(out)

@@ -24,7 +24,7 @@ pytest.importorskip("tokenizers")
 from click.testing import CliRunner  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
-from test_compress import all_tensors  # noqa: E402
+from test_compress import all_tensors, torchrun_compress  # noqa: E402
 from test_models import make_tiny_model, sample_text  # noqa: E402
 
 from armor_ref.lowrank import rank_for_ratio  # noqa: E402
@@ -310,25 +310,9 @@ def test_bad_ratio_and_refine_epochs_are_one_line_errors(workdir, tmp_path, case
 def test_two_gloo_processes_give_the_single_process_two_stream_result(workdir):
     """torchrun with 2 CPU processes (gloo), AA-SVD with refinement: the linears of a group are solved on different
     ranks, rank 0 refines and shares the refined block; the files equal the single process's."""
-    import subprocess
-    import sys
-
     reference, _ = compressed(workdir, "bert", "aa-svd", ratio=0.5, refine_epochs=3)
     out = workdir / "bert-dist-two-streams"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
-    cmd += [
-        "-m",
-        "toolkit",
-        "compress",
-        str(workdir / "bert"),
-        "-o",
-        str(out),
-        "--calib-text",
-        str(workdir / "calib.txt"),
-    ]
-    cmd += ["--method", "aa-svd", "--ratio", "0.5", "--refine-epochs", "3", "--nsamples", "8", "--seqlen", "32"]
-    proc = subprocess.run([*cmd, "--block-size", "16", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_compress(workdir, out, 29519, "--method", "aa-svd", "--ratio", "0.5", "--refine-epochs", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "armor_report.json").read_text())
     assert report["world_size"] == 2 and all("refine" in block for block in report["blocks"])
